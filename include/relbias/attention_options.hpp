@@ -1,0 +1,41 @@
+#pragma once
+// What every attention entry point (reference and fused, forward and backward) takes besides
+// the tensors and the bias policy.
+
+#include "relbias/offset.hpp"
+#include "relbias/tensor.hpp"
+
+#include <cmath>
+#include <concepts>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace relbias {
+
+template <std::floating_point Scalar>
+struct attention_options {
+  masking mask = masking::bidirectional;
+  index_t q_start = 0;                  // absolute position of query row 0 (kv_cache_q_start for decoding)
+  index_t k_start = 0;                  // absolute position of key row 0
+  std::optional<Scalar> scale;        // multiplies Q K^T (not the bias); default 1/sqrt(dim), T5 uses 1
+  int num_threads = 0;                // fused kernels: 0 = OpenMP's default; ignored without OpenMP
+
+  Scalar scale_for(index_t dim) const { return scale ? *scale : Scalar(1) / std::sqrt(Scalar(dim)); }
+  position_window window(index_t query_length, index_t key_length) const {
+    return {q_start, query_length, k_start, key_length};
+  }
+};
+
+/// Owning result of the convenience overloads: O as [batch, Lq, heads, dim_v] and the row
+/// log-sum-exp as [batch][heads][Lq].
+///
+/// A query row that sees no key at all (possible with causal masking and k_start > q_start + r)
+/// has O = 0 and lse = -infinity, and passes no gradient: never NaN.
+template <std::floating_point Scalar>
+struct attention_result {
+  tensor<Scalar> out;
+  std::vector<Scalar> lse;
+};
+
+}  // namespace relbias

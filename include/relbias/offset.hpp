@@ -1,0 +1,80 @@
+#pragma once
+// Positions and relative offsets: the one place where relbias turns rows and columns into the
+// positions every policy and kernel sees.
+//
+//   query row r    -> absolute position i = q_start + r
+//   key column c   -> absolute position j = k_start + c
+//   offset         -> delta = i - j      (> 0: the key is in the past)
+//   causal mask    -> key j hidden from query i iff j > i
+//
+// HF T5 uses the opposite sign (relative_position = j - i); see bias/t5.hpp.
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+namespace relbias {
+
+/// Sizes, positions and offsets (Eigen's signed index; not `index`, which POSIX <strings.h> declares).
+using index_t = Eigen::Index;
+
+/// Whether a query may see keys after its own position.
+enum class masking { bidirectional, causal };
+
+constexpr index_t query_position(index_t q_start, index_t row) noexcept { return q_start + row; }
+constexpr index_t key_position(index_t k_start, index_t column) noexcept { return k_start + column; }
+
+/// delta = i - j: query position minus key position.
+constexpr index_t relative_offset(index_t i, index_t j) noexcept { return i - j; }
+
+/// |i - j|: the distance that bidirectional and symmetric kernels use.
+constexpr index_t distance(index_t i, index_t j) noexcept { return i > j ? i - j : j - i; }
+
+/// True when key j is hidden from query i.
+constexpr bool is_masked(masking mode, index_t i, index_t j) noexcept {
+  return mode == masking::causal && j > i;
+}
+
+/// KV-cache decoding aligns the last query with the last key (bottom-right alignment):
+/// the Lq new queries sit at positions Lk - Lq .. Lk - 1 when the keys start at 0.
+/// This is FlashAttention's `i + seqlen_k - seqlen_q` and HF T5's cache_position.
+inline index_t kv_cache_q_start(index_t query_length, index_t key_length) {
+  if (query_length < 1 || key_length < query_length)
+    throw std::invalid_argument("relbias::kv_cache_q_start: need 1 <= query_length <= key_length, got query_length=" +
+                                std::to_string(query_length) + ", key_length=" + std::to_string(key_length));
+  return key_length - query_length;
+}
+
+/// Clamp an offset into [lo, hi] (lo <= hi), as relative-position tables with a maximal
+/// offset do (Shaw et al. 2018: clip(x, k) = max(-k, min(k, x))).
+constexpr index_t clip_offset(index_t delta, index_t lo, index_t hi) noexcept { return std::clamp(delta, lo, hi); }
+
+/// Index into a per-offset table with clip K: bidirectional tables have 2K+1 entries indexed by
+/// clamp(delta, -K, K) + K; causal tables have K+1 entries indexed by clamp(delta, 0, K), so every
+/// future key (masked anyway) shares entry 0 with delta = 0.
+constexpr index_t clipped_offset_index(masking mode, index_t delta, index_t clip) noexcept {
+  return mode == masking::causal ? clip_offset(delta, 0, clip) : clip_offset(delta, -clip, clip) + clip;
+}
+
+/// Entries of a per-offset table with clip K (see clipped_offset_index).
+constexpr index_t clipped_offset_count(masking mode, index_t clip) noexcept {
+  return mode == masking::causal ? clip + 1 : 2 * clip + 1;
+}
+
+/// The absolute positions one attention call covers: queries [q_start, q_start + Lq), keys
+/// [k_start, k_start + Lk). Fast paths use it to bound the offsets that occur.
+struct position_window {
+  index_t q_start = 0;
+  index_t query_length = 0;
+  index_t k_start = 0;
+  index_t key_length = 0;
+
+  constexpr index_t min_offset() const noexcept { return q_start - (k_start + key_length - 1); }
+  constexpr index_t max_offset() const noexcept { return q_start + query_length - 1 - k_start; }
+  constexpr index_t offset_count() const noexcept { return max_offset() - min_offset() + 1; }
+  constexpr index_t max_distance() const noexcept { return std::max(-min_offset(), max_offset()); }
+};
+
+}  // namespace relbias

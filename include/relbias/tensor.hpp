@@ -1,0 +1,75 @@
+#pragma once
+// Non-owning strided views over the user's own memory, so kernels read [batch, seq, heads, dim]
+// and [batch, heads, seq, dim] tensors (or any other strides with a contiguous last axis)
+// without copies.
+
+#include "relbias/offset.hpp"
+
+#include <Eigen/Core>
+
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace relbias {
+
+/// A 4-D tensor [batch, seq, heads, dim] with element strides for the first three axes; the last
+/// axis (dim) is contiguous. T is `float`, `double` or a const version of them.
+template <class T>
+struct tensor_view {
+  T* data = nullptr;
+  index_t batch = 0, seq = 0, heads = 0, dim = 0;
+  index_t batch_stride = 0, seq_stride = 0, head_stride = 0;
+
+  using scalar_type = std::remove_const_t<T>;
+  using row_matrix = Eigen::Matrix<scalar_type, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using matrix_map = Eigen::Map<std::conditional_t<std::is_const_v<T>, const row_matrix, row_matrix>, 0,
+                                Eigen::OuterStride<>>;
+
+  T* row(index_t b, index_t s, index_t h) const noexcept { return data + b * batch_stride + s * seq_stride + h * head_stride; }
+
+  /// Rows [first, first + count) of head h in batch b as an Eigen matrix (count, dim).
+  matrix_map rows(index_t b, index_t h, index_t first, index_t count) const {
+    return matrix_map(row(b, first, h), count, dim, Eigen::OuterStride<>(seq_stride));
+  }
+  matrix_map matrix(index_t b, index_t h) const { return rows(b, h, 0, seq); }
+
+  operator tensor_view<const T>() const noexcept requires(!std::is_const_v<T>) {
+    return {data, batch, seq, heads, dim, batch_stride, seq_stride, head_stride};
+  }
+};
+
+/// View memory laid out as [batch, seq, heads, dim] (PyTorch's default for q/k/v projections).
+template <class T>
+tensor_view<T> bshd(T* data, index_t batch, index_t seq, index_t heads, index_t dim) {
+  return {data, batch, seq, heads, dim, seq * heads * dim, heads * dim, dim};
+}
+
+/// View memory laid out as [batch, heads, seq, dim] (after PyTorch's transpose(1, 2)).
+template <class T>
+tensor_view<T> bhsd(T* data, index_t batch, index_t heads, index_t seq, index_t dim) {
+  return {data, batch, seq, heads, dim, heads * seq * dim, dim, seq * dim};
+}
+
+/// A contiguous [batch, seq, heads, dim] tensor that owns its memory (results, examples, tests).
+template <class Scalar>
+class tensor {
+ public:
+  tensor() = default;
+  tensor(index_t batch, index_t seq, index_t heads, index_t dim)
+      : storage_(static_cast<std::size_t>(batch * seq * heads * dim)), batch_(batch), seq_(seq), heads_(heads), dim_(dim) {}
+
+  tensor_view<Scalar> view() noexcept { return bshd(storage_.data(), batch_, seq_, heads_, dim_); }
+  tensor_view<const Scalar> view() const noexcept { return bshd(storage_.data(), batch_, seq_, heads_, dim_); }
+  Scalar& operator()(index_t b, index_t s, index_t h, index_t d) noexcept { return view().row(b, s, h)[d]; }
+  Scalar operator()(index_t b, index_t s, index_t h, index_t d) const noexcept { return view().row(b, s, h)[d]; }
+  Scalar* data() noexcept { return storage_.data(); }
+  const Scalar* data() const noexcept { return storage_.data(); }
+  index_t size() const noexcept { return index_t(storage_.size()); }
+
+ private:
+  std::vector<Scalar> storage_;
+  index_t batch_ = 0, seq_ = 0, heads_ = 0, dim_ = 0;
+};
+
+}  // namespace relbias
