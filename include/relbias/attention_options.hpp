@@ -18,7 +18,7 @@ struct attention_options {
   masking mask = masking::bidirectional;
   index_t q_start = 0;                  // absolute position of query row 0 (kv_cache_q_start for decoding)
   index_t k_start = 0;                  // absolute position of key row 0
-  std::optional<Scalar> scale;        // multiplies Q K^T (not the bias); default 1/sqrt(dim), T5 uses 1
+  std::optional<Scalar> scale{};      // multiplies Q K^T (not the bias); default 1/sqrt(dim), T5 uses 1
   int num_threads = 0;                // fused kernels: 0 = OpenMP's default; ignored without OpenMP
 
   Scalar scale_for(index_t dim) const { return scale ? *scale : Scalar(1) / std::sqrt(Scalar(dim)); }

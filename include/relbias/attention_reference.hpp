@@ -29,7 +29,7 @@ using row_matrix = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMa
 template <bias_policy Bias, class S = typename Bias::scalar_type>
 row_matrix<S> reference_probabilities(const tensor_view<const S>& q, const tensor_view<const S>& k, const Bias& bias,
                                       const attention_options<S>& options, index_t b, index_t h,
-                                      Eigen::Ref<Eigen::Matrix<S, Eigen::Dynamic, 1>> lse) {
+                                      Eigen::Matrix<S, Eigen::Dynamic, 1>& lse) {
   const index_t group = q.heads / k.heads;
   row_matrix<S> p = options.scale_for(q.dim) * (q.matrix(b, h) * k.matrix(b, h / group).transpose());  // (Lq, Lk)
   constexpr S minus_inf = -std::numeric_limits<S>::infinity();

@@ -9,6 +9,8 @@
 //
 // HF T5 uses the opposite sign (relative_position = j - i); see bias/t5.hpp.
 
+#include "relbias/config.hpp"
+
 #include <Eigen/Core>
 
 #include <algorithm>

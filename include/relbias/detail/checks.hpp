@@ -12,7 +12,10 @@
 namespace relbias::detail {
 
 inline std::string shape_string(index_t b, index_t s, index_t h, index_t d) {
-  return "[" + std::to_string(b) + ", " + std::to_string(s) + ", " + std::to_string(h) + ", " + std::to_string(d) + "]";
+  std::string text("[");  // appended piece by piece: GCC 12 misreports "literal" + string (bug 105329)
+  for (const index_t extent : {b, s, h, d}) text.append(std::to_string(extent)).append(", ");
+  text.resize(text.size() - 2);
+  return text.append("]");
 }
 
 template <class T>

@@ -1,0 +1,101 @@
+#pragma once
+// How the fused kernels evaluate a bias policy over one attention call. A plan is built once per
+// call for the call's position window; tiles then ask it to add the bias of head h to a row
+// segment of scores:  plan.add_row(h, i, j0, n, row)  does  row[c] += bias(h, i, j0 + c).
+//
+// The plan is chosen at compile time from the policy's traits:
+//   no_bias                 -> nothing to add
+//   policy.make_plan(w)     -> the policy's own plan (FIRE: MLP once per distance below L)
+//   shift-invariant policy  -> one table per head over the offsets of the window, O(Lq + Lk)
+//                              memory; a row segment is a contiguous slice of it
+//   anything else           -> bias(h, i, j) per element
+
+#include "relbias/bias/none.hpp"
+#include "relbias/concepts.hpp"
+#include "relbias/offset.hpp"
+
+#include <vector>
+
+namespace relbias::detail {
+
+/// Fallback: one call to the policy per element.
+template <bias_policy Bias>
+class cell_plan {
+ public:
+  using scalar_type = typename Bias::scalar_type;
+  explicit cell_plan(const Bias& bias) : bias_(bias) {}
+
+  void add_row(index_t h, index_t i, index_t j0, index_t n, scalar_type* row) const {
+    for (index_t c = 0; c < n; ++c) row[c] += bias_(h, i, j0 + c);
+  }
+
+ private:
+  const Bias& bias_;
+};
+
+/// Values of a function of the offset, tabulated per head so that the row of query i over keys
+/// j0 .. j0 + n - 1 is the contiguous slice starting at (j0 - i) + max_offset. Index t holds
+/// delta = max_offset - t: j grows with t, so rows read forwards.
+template <class Scalar>
+class offset_table {
+ public:
+  explicit offset_table(index_t num_heads, const position_window& window)
+      : max_offset_(window.max_offset()), count_(window.offset_count()),
+        values_(static_cast<std::size_t>(num_heads * count_)) {}
+
+  template <class OffsetFunction>  // value(h, delta)
+  void fill(index_t h, OffsetFunction value) {
+    Scalar* out = head(h);
+    for (index_t t = 0; t < count_; ++t) out[t] = value(h, max_offset_ - t);
+  }
+
+  const Scalar* row(index_t h, index_t i, index_t j0) const {
+    RELBIAS_ASSERT(j0 - i + max_offset_ >= 0 && j0 - i + max_offset_ < count_);
+    return values_.data() + h * count_ + (j0 - i + max_offset_);
+  }
+  Scalar* head(index_t h) { return values_.data() + h * count_; }
+  index_t max_offset() const noexcept { return max_offset_; }
+  index_t count() const noexcept { return count_; }
+
+ private:
+  index_t max_offset_;
+  index_t count_;
+  std::vector<Scalar> values_;  // (H, offset_count)
+};
+
+/// Shift-invariant policies: at_offset(h, delta) once per head and offset of the window.
+template <shift_invariant_bias Bias>
+class offset_table_plan {
+ public:
+  using scalar_type = typename Bias::scalar_type;
+
+  offset_table_plan(const Bias& bias, const position_window& window) : table_(bias.num_heads(), window) {
+    for (index_t h = 0; h < index_t(bias.num_heads()); ++h)
+      table_.fill(h, [&](index_t head, index_t delta) { return bias.at_offset(head, delta); });
+  }
+
+  void add_row(index_t h, index_t i, index_t j0, index_t n, scalar_type* row) const {
+    const scalar_type* values = table_.row(h, i, j0);
+    for (index_t c = 0; c < n; ++c) row[c] += values[c];  // contiguous: vectorises
+  }
+
+ private:
+  offset_table<scalar_type> table_;
+};
+
+/// The baseline adds nothing.
+template <class Scalar>
+struct empty_plan {
+  void add_row(index_t, index_t, index_t, index_t, Scalar*) const noexcept {}
+};
+
+template <bias_policy Bias>
+auto make_bias_plan(const Bias& bias, const position_window& window) {
+  using S = typename Bias::scalar_type;
+  if constexpr (is_no_bias_v<Bias>) return empty_plan<S>{};
+  else if constexpr (requires { bias.make_plan(window); }) return bias.make_plan(window);
+  else if constexpr (shift_invariant_bias<Bias>) return offset_table_plan<Bias>(bias, window);
+  else return cell_plan<Bias>(bias);
+}
+
+}  // namespace relbias::detail

@@ -1,0 +1,49 @@
+#pragma once
+// The one place that talks to OpenMP. Without OpenMP everything runs on the calling thread.
+
+#include "relbias/offset.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace relbias::detail {
+
+/// Threads for a call: the requested count, OpenMP's default for 0, always 1 without OpenMP.
+inline int thread_count(int requested) noexcept {
+#ifdef _OPENMP
+  return requested > 0 ? requested : omp_get_max_threads();
+#else
+  (void)requested;
+  return 1;
+#endif
+}
+
+inline int this_thread() noexcept {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+/// Runs body(item, scratch) for item in [0, count) on `threads` threads. Each thread builds its
+/// scratch once with make_scratch(). Items are handed out one at a time in order (dynamic
+/// schedule), so listing the most expensive items first balances uneven (causal) work.
+template <class MakeScratch, class Body>
+void parallel_items(index_t count, int threads, MakeScratch make_scratch, Body body) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+  {
+    auto scratch = make_scratch();
+#pragma omp for schedule(dynamic, 1)
+    for (index_t item = 0; item < count; ++item) body(item, scratch);
+  }
+#else
+  (void)threads;
+  auto scratch = make_scratch();
+  for (index_t item = 0; item < count; ++item) body(item, scratch);
+#endif
+}
+
+}  // namespace relbias::detail

@@ -1,0 +1,39 @@
+#pragma once
+// Seeded random inputs for kernel tests.
+
+#include <relbias/detail/random.hpp>
+#include <relbias/tensor.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace relbias_test {
+
+using relbias::index_t;
+
+/// A [batch, seq, heads, dim] tensor of uniform values in [-1, 1).
+template <class S>
+relbias::tensor<S> random_tensor(index_t batch, index_t seq, index_t heads, index_t dim, std::uint64_t seed) {
+  relbias::tensor<S> t(batch, seq, heads, dim);
+  relbias::detail::random_stream rng(seed);
+  for (index_t n = 0; n < t.size(); ++n) t.data()[n] = S(rng.uniform(-1.0, 1.0));
+  return t;
+}
+
+/// max |a - b| / max(|b|, 1) over two equally shaped views (the STYLE.md tolerance measure).
+template <class S>
+double max_relative_error(relbias::tensor_view<const S> a, relbias::tensor_view<const S> b) {
+  double worst = 0;
+  for (index_t n = 0; n < a.batch; ++n)
+    for (index_t s = 0; s < a.seq; ++s)
+      for (index_t h = 0; h < a.heads; ++h)
+        for (index_t d = 0; d < a.dim; ++d) {
+          const double x = a.row(n, s, h)[d], y = b.row(n, s, h)[d];
+          if (std::isnan(x) || std::isnan(y)) return std::numeric_limits<double>::infinity();
+          worst = std::max(worst, std::abs(x - y) / std::max(std::abs(y), 1.0));
+        }
+  return worst;
+}
+
+}  // namespace relbias_test
