@@ -153,8 +153,8 @@ void fused_forward(const forward_problem<S>& pb, const Plan& plan) {
 /// B * Hq * Lq values laid out [b][h][row]. Any strides with a contiguous last axis work
 /// (bshd(), bhsd()). A row that sees no key gets O = 0 and lse = -inf.
 template <bias_policy Bias, class S = typename Bias::scalar_type>
-void attention(tensor_view<const S> q, tensor_view<const S> k, tensor_view<const S> v, const Bias& bias,
-               const attention_options<S>& options, tensor_view<S> o, std::span<S> lse = {}) {
+void attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v, const Bias& bias,
+               const attention_options<S>& options, output_tensor<S> o, output_span<S> lse = {}) {
   // Preconditions
   constexpr const char* where = "relbias::attention";
   detail::check_qkv(where, q, k, v, index_t(bias.num_heads()), options);
@@ -167,7 +167,7 @@ void attention(tensor_view<const S> q, tensor_view<const S> k, tensor_view<const
 
 /// Fused forward returning owning O and lse.
 template <bias_policy Bias, class S = typename Bias::scalar_type>
-attention_result<S> attention(tensor_view<const S> q, tensor_view<const S> k, tensor_view<const S> v, const Bias& bias,
+attention_result<S> attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v, const Bias& bias,
                               const attention_options<S>& options = {}) {
   detail::check_qkv("relbias::attention", q, k, v, index_t(bias.num_heads()), options);
   attention_result<S> result{tensor<S>(q.batch, q.seq, q.heads, v.dim), std::vector<S>(std::size_t(q.batch * q.heads * q.seq))};

@@ -27,7 +27,7 @@ using row_matrix = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMa
 /// Softmax probabilities P (Lq, Lk) of head h in batch b, and the row log-sum-exp (Lq).
 /// A row with no visible key gets P = 0 and lse = -inf.
 template <bias_policy Bias, class S = typename Bias::scalar_type>
-row_matrix<S> reference_probabilities(const tensor_view<const S>& q, const tensor_view<const S>& k, const Bias& bias,
+row_matrix<S> reference_probabilities(const input_tensor<S>& q, const input_tensor<S>& k, const Bias& bias,
                                       const attention_options<S>& options, index_t b, index_t h,
                                       Eigen::Matrix<S, Eigen::Dynamic, 1>& lse) {
   const index_t group = q.heads / k.heads;
@@ -58,8 +58,8 @@ row_matrix<S> reference_probabilities(const tensor_view<const S>& q, const tenso
 /// Reference forward. q [B, Lq, Hq, D], k [B, Lk, Hk, D], v [B, Lk, Hk, Dv] (Hq a multiple of
 /// Hk), o [B, Lq, Hq, Dv]; lse, if not empty, receives B * Hq * Lq values laid out [b][h][row].
 template <bias_policy Bias, class S = typename Bias::scalar_type>
-void reference_attention(tensor_view<const S> q, tensor_view<const S> k, tensor_view<const S> v, const Bias& bias,
-                         const attention_options<S>& options, tensor_view<S> o, std::span<S> lse = {}) {
+void reference_attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v, const Bias& bias,
+                         const attention_options<S>& options, output_tensor<S> o, output_span<S> lse = {}) {
   // Preconditions
   constexpr const char* where = "relbias::reference_attention";
   detail::check_qkv(where, q, k, v, index_t(bias.num_heads()), options);
@@ -78,7 +78,7 @@ void reference_attention(tensor_view<const S> q, tensor_view<const S> k, tensor_
 
 /// Reference forward returning owning O and lse.
 template <bias_policy Bias, class S = typename Bias::scalar_type>
-attention_result<S> reference_attention(tensor_view<const S> q, tensor_view<const S> k, tensor_view<const S> v,
+attention_result<S> reference_attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v,
                                         const Bias& bias, const attention_options<S>& options = {}) {
   detail::check_qkv("relbias::reference_attention", q, k, v, index_t(bias.num_heads()), options);
   attention_result<S> result{tensor<S>(q.batch, q.seq, q.heads, v.dim), std::vector<S>(std::size_t(q.batch * q.heads * q.seq))};

@@ -7,6 +7,7 @@
 
 #include <Eigen/Core>
 
+#include <span>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -38,6 +39,17 @@ struct tensor_view {
     return {data, batch, seq, heads, dim, batch_stride, seq_stride, head_stride};
   }
 };
+
+/// Parameter types of the public kernels. Non-deduced (the scalar comes from the bias policy), so
+/// a tensor_view<float> binds to an input and std::vector<float> binds to a std::span output.
+template <class S>
+using input_tensor = std::type_identity_t<tensor_view<const S>>;
+template <class S>
+using output_tensor = std::type_identity_t<tensor_view<S>>;
+template <class S>
+using output_span = std::type_identity_t<std::span<S>>;
+template <class S>
+using input_span = std::type_identity_t<std::span<const S>>;
 
 /// View memory laid out as [batch, seq, heads, dim] (PyTorch's default for q/k/v projections).
 template <class T>

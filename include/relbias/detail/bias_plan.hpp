@@ -49,15 +49,19 @@ class offset_table {
     for (index_t t = 0; t < count_; ++t) out[t] = value(h, max_offset_ - t);
   }
 
-  const Scalar* row(index_t h, index_t i, index_t j0) const {
-    RELBIAS_ASSERT(j0 - i + max_offset_ >= 0 && j0 - i + max_offset_ < count_);
-    return values_.data() + h * count_ + (j0 - i + max_offset_);
-  }
+  const Scalar* row(index_t h, index_t i, index_t j0) const { return values_.data() + position(h, i, j0); }
+  Scalar* row(index_t h, index_t i, index_t j0) { return values_.data() + position(h, i, j0); }
   Scalar* head(index_t h) { return values_.data() + h * count_; }
+  const Scalar* head(index_t h) const { return values_.data() + h * count_; }
   index_t max_offset() const noexcept { return max_offset_; }
   index_t count() const noexcept { return count_; }
 
  private:
+  index_t position(index_t h, index_t i, index_t j0) const {
+    RELBIAS_ASSERT(j0 - i + max_offset_ >= 0 && j0 - i + max_offset_ < count_);
+    return h * count_ + (j0 - i + max_offset_);
+  }
+
   index_t max_offset_;
   index_t count_;
   std::vector<Scalar> values_;  // (H, offset_count)

@@ -73,3 +73,27 @@ void check_outputs(const char* where, const tensor_view<const S>& q, const tenso
 }
 
 }  // namespace relbias::detail
+
+namespace relbias::detail {
+
+/// The backward pass's extra tensors: o and d_out [B, Lq, Hq, Dv], lse of B * Hq * Lq values,
+/// dq/dk/dv shaped like q/k/v, and bias_grad either empty or of the policy's parameter count.
+template <class S>
+void check_backward(const char* where, const tensor_view<const S>& q, const tensor_view<const S>& k,
+                    const tensor_view<const S>& v, const tensor_view<const S>& o, const tensor_view<const S>& d_out,
+                    std::span<const S> lse, const tensor_view<S>& dq, const tensor_view<S>& dk,
+                    const tensor_view<S>& dv, std::size_t bias_grad_size, std::size_t parameter_count) {
+  check_shape(where, "o", o, q.batch, q.seq, q.heads, v.dim);
+  check_shape(where, "d_out", d_out, q.batch, q.seq, q.heads, v.dim);
+  check_shape(where, "dq", dq, q.batch, q.seq, q.heads, q.dim);
+  check_shape(where, "dk", dk, k.batch, k.seq, k.heads, k.dim);
+  check_shape(where, "dv", dv, v.batch, v.seq, v.heads, v.dim);
+  const std::size_t expected = std::size_t(q.batch * q.heads * q.seq);
+  if (lse.size() != expected)
+    fail(where, "lse must hold batch * heads * Lq = " + std::to_string(expected) + " values, got " + std::to_string(lse.size()));
+  if (bias_grad_size != 0 && bias_grad_size != parameter_count)
+    fail(where, "bias_grad must be empty or hold the policy's " + std::to_string(parameter_count) +
+                    " parameters, got " + std::to_string(bias_grad_size));
+}
+
+}  // namespace relbias::detail

@@ -1,0 +1,197 @@
+#pragma once
+// Fused attention backward: FlashAttention-2's recomputation scheme (Dao 2023). Scores and
+// probabilities are rebuilt tile by tile from Q, K and the saved row log-sum-exp; no (Lq, Lk)
+// matrix is ever held. Per tile (Br queries, Bc keys):
+//   P  = exp(scale Q K^T + B + mask - lse)      dV += P^T dO
+//   dP = dO V^T      dS = P o (dP - rowsum(dO o O))
+//   dQ += scale dS K      dK += scale dS^T Q      bias gradient <- dS
+//
+// Determinism: a work item is one (batch, key/value head) with every query head of its group,
+// so it owns its rows of dQ, dK and dV outright (GQA sums over the group inside the item, in a
+// fixed order). Items go to threads in a static round-robin, bias-gradient partials are kept
+// per thread and summed in thread order: the same inputs and thread count give bit-identical
+// gradients. No atomics.
+
+#include "relbias/attention.hpp"
+#include "relbias/attention_options.hpp"
+#include "relbias/concepts.hpp"
+#include "relbias/detail/bias_gradient.hpp"
+#include "relbias/detail/bias_plan.hpp"
+#include "relbias/detail/checks.hpp"
+#include "relbias/detail/parallel.hpp"
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <span>
+#include <vector>
+
+namespace relbias {
+
+namespace detail {
+
+template <class S>
+struct backward_problem {
+  tensor_view<const S> q, k, v, o, d_out;
+  std::span<const S> lse;
+  tensor_view<S> dq, dk, dv;
+  attention_options<S> options;
+  S scale;
+  index_t group;
+  tile_shape tiles{.rows = 64, .cols = 128};
+  std::vector<S> row_delta;  // [b][h][row]: rowsum(dO o O), the softmax backward's correction
+
+  index_t lse_index(index_t b, index_t h, index_t r) const { return (b * q.heads + h) * q.seq + r; }
+  /// First query row that sees a key at or after position j0 (causal), else 0.
+  index_t first_visible_row(index_t j0) const {
+    if (options.mask == masking::bidirectional) return 0;
+    return std::clamp<index_t>(j0 - options.q_start, 0, q.seq);
+  }
+};
+
+template <class S>
+struct backward_scratch {
+  row_matrix<S> probabilities;  // (Br, Bc): P, then dS
+  row_matrix<S> d_probabilities;  // (Br, Bc): dP
+};
+
+template <class S>
+std::vector<S> output_row_deltas(const tensor_view<const S>& o, const tensor_view<const S>& d_out) {
+  std::vector<S> delta(std::size_t(o.batch * o.heads * o.seq));
+  for (index_t b = 0; b < o.batch; ++b)
+    for (index_t h = 0; h < o.heads; ++h)
+      for (index_t r = 0; r < o.seq; ++r)
+        delta[std::size_t((b * o.heads + h) * o.seq + r)] =
+            (o.rows(b, h, r, 1).array() * d_out.rows(b, h, r, 1).array()).sum();
+  return delta;
+}
+
+/// Rebuilds P for a (Br, Bc) tile in place: exp(score + bias - lse), 0 where masked or where the
+/// row sees no key at all (lse = -inf).
+template <class S, class Plan, class Tile>
+void recompute_probabilities(const backward_problem<S>& pb, const Plan& plan, Tile& p, index_t b, index_t h,
+                             index_t r0, index_t j0) {
+  for (index_t r = 0; r < p.rows(); ++r) {
+    const index_t i = query_position(pb.options.q_start, r0 + r);
+    const S lse = pb.lse[std::size_t(pb.lse_index(b, h, r0 + r))];
+    S* row = &p(r, 0);
+    if (lse == -std::numeric_limits<S>::infinity()) {
+      std::fill(row, row + p.cols(), S(0));
+      continue;
+    }
+    plan.add_row(h, i, j0, p.cols(), row);
+    if (pb.options.mask == masking::causal) mask_future_keys(row, i, j0, p.cols());
+    Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> scores(row, p.cols());
+    scores = (scores - lse).exp();
+  }
+}
+
+/// One (query tile, key tile) pair of one query head: every product of the backward pass.
+template <class S, class Plan, class Accumulator>
+void backward_tile(const backward_problem<S>& pb, const Plan& plan, Accumulator* bias_grad, backward_scratch<S>& s,
+                   index_t b, index_t h, index_t r0, index_t br, index_t c0, index_t bc) {
+  const index_t kv_head = h / pb.group;
+  const index_t j0 = key_position(pb.options.k_start, c0);
+  const auto q_tile = pb.q.rows(b, h, r0, br);          // (Br, D)
+  const auto d_out_tile = pb.d_out.rows(b, h, r0, br);  // (Br, Dv)
+  const auto k_tile = pb.k.rows(b, kv_head, c0, bc);    // (Bc, D)
+  const auto v_tile = pb.v.rows(b, kv_head, c0, bc);    // (Bc, Dv)
+
+  auto p = s.probabilities.topLeftCorner(br, bc);     // (Br, Bc)
+  auto dp = s.d_probabilities.topLeftCorner(br, bc);  // (Br, Bc)
+  p.noalias() = pb.scale * (q_tile * k_tile.transpose());
+  recompute_probabilities(pb, plan, p, b, h, r0, j0);
+  pb.dv.rows(b, kv_head, c0, bc).noalias() += p.transpose() * d_out_tile;
+
+  dp.noalias() = d_out_tile * v_tile.transpose();
+  for (index_t r = 0; r < br; ++r) {  // dS = P o (dP - delta), written over P
+    const S delta = pb.row_delta[std::size_t(pb.lse_index(b, h, r0 + r))];
+    p.row(r).array() *= dp.row(r).array() - delta;
+    if (bias_grad) bias_grad->add_row(h, query_position(pb.options.q_start, r0 + r), j0, bc, &p(r, 0));
+  }
+  pb.dq.rows(b, h, r0, br).noalias() += pb.scale * (p * k_tile);
+  pb.dk.rows(b, kv_head, c0, bc).noalias() += pb.scale * (p.transpose() * q_tile);
+}
+
+/// Work item: batch b, key/value head kv_head, all its query heads. Key tiles outer (FA2), so
+/// the dK and dV tiles stay hot while the query tiles stream past.
+template <class S, class Plan, class Accumulator>
+void backward_item(const backward_problem<S>& pb, const Plan& plan, Accumulator* bias_grad, backward_scratch<S>& s,
+                   index_t b, index_t kv_head) {
+  pb.dk.matrix(b, kv_head).setZero();
+  pb.dv.matrix(b, kv_head).setZero();
+  for (index_t h = kv_head * pb.group; h < (kv_head + 1) * pb.group; ++h) pb.dq.matrix(b, h).setZero();
+
+  for (index_t c0 = 0; c0 < pb.k.seq; c0 += pb.tiles.cols) {
+    const index_t bc = std::min(pb.tiles.cols, pb.k.seq - c0);
+    const index_t first_row = pb.first_visible_row(key_position(pb.options.k_start, c0));
+    for (index_t h = kv_head * pb.group; h < (kv_head + 1) * pb.group; ++h)
+      for (index_t r0 = first_row; r0 < pb.q.seq; r0 += pb.tiles.rows)
+        backward_tile(pb, plan, bias_grad, s, b, h, r0, std::min(pb.tiles.rows, pb.q.seq - r0), c0, bc);
+  }
+}
+
+/// Runs the items on `threads` threads, item n on thread n % threads (static, so the order in
+/// which each thread's bias-gradient partial sees rows is fixed), then sums the partials in
+/// thread order into grad.
+template <class S, class Plan, class MakeAccumulator>
+void fused_backward(const backward_problem<S>& pb, const Plan& plan, MakeAccumulator make_accumulator,
+                    std::span<S> grad) {
+  const index_t items = pb.q.batch * pb.k.heads;
+  const int threads = int(std::min<index_t>(thread_count(pb.options.num_threads), items));
+  using accumulator = decltype(make_accumulator());
+  std::vector<std::optional<accumulator>> partials(static_cast<std::size_t>(threads));
+  parallel_items(
+      threads, threads,
+      [&] {
+        backward_scratch<S> s;
+        s.probabilities.resize(pb.tiles.rows, pb.tiles.cols);
+        s.d_probabilities.resize(pb.tiles.rows, pb.tiles.cols);
+        return s;
+      },
+      [&](index_t thread, backward_scratch<S>& s) {
+        auto& partial = partials[std::size_t(thread)];
+        if (!grad.empty()) partial.emplace(make_accumulator());
+        for (index_t item = thread; item < items; item += threads)
+          backward_item(pb, plan, partial ? &*partial : nullptr, s, item / pb.k.heads, item % pb.k.heads);
+      });
+  for (const auto& partial : partials)
+    if (partial) partial->finish(grad);
+}
+
+}  // namespace detail
+
+/// Fused backward. Inputs as for attention() plus o and lse from the forward and d_out = dL/dO
+/// [B, Lq, Hq, Dv]. dq, dk, dv (shaped like q, k, v) are overwritten; with GQA, dk and dv of a
+/// key/value head sum over the query heads of its group. bias_grad, laid out like
+/// bias.parameters(), is accumulated into (+=), since one table often serves many layers; pass
+/// it empty to skip the bias gradient (required for policies without parameters).
+template <bias_policy Bias, class S = typename Bias::scalar_type>
+void attention_backward(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v, input_tensor<S> o,
+                        input_tensor<S> d_out, input_span<S> lse, const Bias& bias,
+                        const attention_options<S>& options, output_tensor<S> dq, output_tensor<S> dk, output_tensor<S> dv,
+                        output_span<S> bias_grad = {}) {
+  // Preconditions
+  constexpr const char* where = "relbias::attention_backward";
+  detail::check_qkv(where, q, k, v, index_t(bias.num_heads()), options);
+  std::size_t parameter_count = 0;
+  if constexpr (learned_bias<Bias>) parameter_count = std::size_t(bias.parameters().size());
+  detail::check_backward(where, q, k, v, o, d_out, lse, dq, dk, dv, bias_grad.size(), parameter_count);
+
+  detail::backward_problem<S> pb{q, k, v, o, d_out, lse, dq, dk, dv, options, options.scale_for(q.dim), q.heads / k.heads};
+  pb.row_delta = detail::output_row_deltas(o, d_out);
+  const position_window window = options.window(q.seq, k.seq);
+  const auto plan = detail::make_bias_plan(bias, window);
+  if constexpr (differentiable_bias<Bias>) {
+    detail::fused_backward(pb, plan, [&] { return detail::make_gradient_accumulator(bias, window); }, bias_grad);
+  } else {
+    static_assert(!learned_bias<Bias>, "a learned policy needs accumulate_offset_gradient or accumulate_gradient "
+                                       "(see concepts.hpp) for attention_backward to reach its parameters");
+    detail::fused_backward(pb, plan, [] { return detail::no_gradient_accumulator<S>{}; }, bias_grad);
+  }
+}
+
+}  // namespace relbias
