@@ -162,6 +162,21 @@ void fused_backward(const backward_problem<S>& pb, const Plan& plan, MakeAccumul
     if (partial) partial->finish(grad);
 }
 
+/// Builds the bias plan and the gradient accumulators for the policy, then runs the pass.
+template <class S, bias_policy Bias>
+void run_backward(backward_problem<S>& pb, const Bias& bias, std::span<S> bias_grad) {
+  pb.row_delta = output_row_deltas(pb.o, pb.d_out);
+  const position_window window = pb.options.window(pb.q.seq, pb.k.seq);
+  const auto plan = make_bias_plan(bias, window);
+  if constexpr (differentiable_bias<Bias>) {
+    fused_backward(pb, plan, [&] { return make_gradient_accumulator(bias, window); }, bias_grad);
+  } else {
+    static_assert(!learned_bias<Bias>, "a learned policy needs accumulate_offset_gradient or accumulate_gradient "
+                                       "(see concepts.hpp) for attention_backward to reach its parameters");
+    fused_backward(pb, plan, [] { return no_gradient_accumulator<S>{}; }, bias_grad);
+  }
+}
+
 }  // namespace detail
 
 /// Fused backward. Inputs as for attention() plus o and lse from the forward and d_out = dL/dO
@@ -182,16 +197,7 @@ void attention_backward(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v,
   detail::check_backward(where, q, k, v, o, d_out, lse, dq, dk, dv, bias_grad.size(), parameter_count);
 
   detail::backward_problem<S> pb{q, k, v, o, d_out, lse, dq, dk, dv, options, options.scale_for(q.dim), q.heads / k.heads};
-  pb.row_delta = detail::output_row_deltas(o, d_out);
-  const position_window window = options.window(q.seq, k.seq);
-  const auto plan = detail::make_bias_plan(bias, window);
-  if constexpr (differentiable_bias<Bias>) {
-    detail::fused_backward(pb, plan, [&] { return detail::make_gradient_accumulator(bias, window); }, bias_grad);
-  } else {
-    static_assert(!learned_bias<Bias>, "a learned policy needs accumulate_offset_gradient or accumulate_gradient "
-                                       "(see concepts.hpp) for attention_backward to reach its parameters");
-    detail::fused_backward(pb, plan, [] { return detail::no_gradient_accumulator<S>{}; }, bias_grad);
-  }
+  detail::run_backward(pb, bias, bias_grad);
 }
 
 }  // namespace relbias

@@ -1,0 +1,49 @@
+// Backward attention for every bias scheme (with the bias-parameter gradient for learned
+// schemes), beside the fused forward of the same shape. 8 heads, d = 64, fp32, batch 1.
+// GFLOPS counts 2.5x the forward's useful FLOPs (FlashAttention's convention: five products
+// against the forward's two).
+#include "policies.hpp"
+
+#include <relbias/attention.hpp>
+#include <relbias/attention_backward.hpp>
+
+using namespace relbias;
+using namespace relbias_bench;
+
+namespace {
+
+template <class Bias>
+void backward(benchmark::State& state) {
+  const index_t length = state.range(0);
+  const bool causal = state.range(1) != 0;
+  const masking mask = causal ? masking::causal : masking::bidirectional;
+  const auto q = random_input(length, heads, 1), k = random_input(length, heads, 2), v = random_input(length, heads, 3);
+  const auto d_out = random_input(length, heads, 4);
+  const Bias bias = make_bias<Bias>(mask);
+  const attention_options<float> options{.mask = mask};
+  const auto forward = attention(q.view(), k.view(), v.view(), bias, options);
+  tensor<float> dq(1, length, heads, dim), dk(1, length, heads, dim), dv(1, length, heads, dim);
+  std::vector<float> bias_grad;
+  if constexpr (learned_bias<Bias>) bias_grad.resize(std::size_t(bias.parameters().size()));
+  for (auto _ : state) {
+    attention_backward(q.view(), k.view(), v.view(), forward.out.view(), d_out.view(), forward.lse, bias, options,
+                       dq.view(), dk.view(), dv.view(), bias_grad);
+    benchmark::DoNotOptimize(dq.data());
+  }
+  set_gflops(state, 2.5 * forward_flops(length, length, causal));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  for_each_policy([]<class Bias>(const char* name) {
+    auto* b = benchmark::RegisterBenchmark((std::string("backward/") + name).c_str(), backward<Bias>);
+    for (int causal : {0, 1})
+      for (int length : {1024, 4096}) b->Args({length, causal});
+    b->ArgNames({"L", "causal"})->Unit(benchmark::kMillisecond)->UseRealTime();
+  });
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+}

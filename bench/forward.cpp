@@ -1,0 +1,50 @@
+// Forward attention for every bias scheme, the fused kernel beside the materialising reference
+// (reference/none), over a sequence-length sweep, causal and bidirectional.
+// 8 heads, d = 64, fp32, batch 1. GFLOPS counts useful FLOPs: 4 Lq Lk d per head, halved for
+// causal (the reference computes the masked half too, and is charged the same useful count).
+#include "policies.hpp"
+
+#include <relbias/attention.hpp>
+#include <relbias/attention_reference.hpp>
+
+using namespace relbias;
+using namespace relbias_bench;
+
+namespace {
+
+template <class Bias, bool Reference>
+void forward(benchmark::State& state) {
+  const index_t length = state.range(0);
+  const bool causal = state.range(1) != 0;
+  const masking mask = causal ? masking::causal : masking::bidirectional;
+  const auto q = random_input(length, heads, 1), k = random_input(length, heads, 2), v = random_input(length, heads, 3);
+  tensor<float> o(1, length, heads, dim);
+  std::vector<float> lse(std::size_t(heads * length));
+  const Bias bias = make_bias<Bias>(mask);
+  const attention_options<float> options{.mask = mask};
+  for (auto _ : state) {
+    if constexpr (Reference) reference_attention(q.view(), k.view(), v.view(), bias, options, o.view(), lse);
+    else attention(q.view(), k.view(), v.view(), bias, options, o.view(), lse);
+    benchmark::DoNotOptimize(o.data());
+  }
+  set_gflops(state, forward_flops(length, length, causal));
+}
+
+void sweep(benchmark::internal::Benchmark* b, int max_length) {
+  for (int causal : {0, 1})
+    for (int length = 256; length <= max_length; length *= 2) b->Args({length, causal});
+  b->ArgNames({"L", "causal"})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(0.2);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  for_each_policy([]<class Bias>(const char* name) {
+    sweep(benchmark::RegisterBenchmark((std::string("forward/") + name).c_str(), forward<Bias, false>), 16384);
+  });
+  sweep(benchmark::RegisterBenchmark("forward/reference/none", forward<no_bias<float>, true>), 16384);
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The main job: installs what is missing, builds the benchmark suite and compares every bias
+# scheme (forward sweep, decode, backward, peak memory), then writes bench/results/results.md
+# and the plots. Run as root on Debian 12:  bash scripts/bench.sh
+# QUICK=1 runs a short version (smaller lengths) for a smoke check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
+
+build=build-bench
+cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DRELBIAS_BUILD_BENCHMARKS=ON -DRELBIAS_BUILD_TESTS=OFF \
+  -DRELBIAS_BUILD_EXAMPLES=OFF >/dev/null
+cmake --build "$build" -j2 >/dev/null
+
+out=bench/results
+mkdir -p "$out"
+filter_forward='.*'
+filter_backward='.*'
+memory_length=32768
+if [ "${QUICK:-0}" = 1 ]; then
+  filter_forward='L:(256|1024)/'
+  filter_backward='L:1024/'
+  memory_length=4096
+fi
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
+"$build/bench/bench_forward" --benchmark_filter="$filter_forward" --benchmark_out="$out/forward.json" --benchmark_out_format=json
+"$build/bench/bench_decode" --benchmark_out="$out/decode.json" --benchmark_out_format=json
+"$build/bench/bench_backward" --benchmark_filter="$filter_backward" --benchmark_out="$out/backward.json" --benchmark_out_format=json
+: > "$out/memory.txt"
+for policy in none alibi t5 fire; do
+  for pass in forward backward; do
+    "$build/bench/bench_memory" "$policy" "$memory_length" "$pass" | tee -a "$out/memory.txt"
+  done
+done
+/usr/bin/python3 bench/report.py "$out" "$out/forward.json" "$out/decode.json" "$out/backward.json" "$out/memory.txt"
