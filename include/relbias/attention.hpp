@@ -63,23 +63,16 @@ struct forward_scratch {
   Eigen::Array<S, Eigen::Dynamic, 1> row_max, row_sum;  // (Br)
 };
 
-/// Masks keys after query i (causal) in a row of n scores that starts at key position j0.
-template <class S>
-void mask_future_keys(S* row, index_t i, index_t j0, index_t n) {
-  const index_t visible = std::clamp<index_t>(i - j0 + 1, 0, n);
-  std::fill(row + visible, row + n, -std::numeric_limits<S>::infinity());
-}
-
-/// One step of the online softmax for one row: folds n new scores into (max, sum), rescales the
-/// accumulator row, and leaves exp(score - max) in place for the P V product.
+/// One step of the online softmax for one row: folds the first `visible` of n new scores into
+/// (max, sum), rescales the accumulator row, and leaves exp(score - max) in place for the P V
+/// product, with exact zeros for the hidden keys (Eigen's exp of a very negative double is a
+/// subnormal, not 0, so hidden keys never go through it).
 template <class S, class AccumulatorRow>
-void online_softmax_row(S* row, index_t n, S& row_max, S& row_sum, AccumulatorRow&& accumulator_row) {
-  Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> scores(row, n);
-  const S new_max = std::max(row_max, scores.maxCoeff());
-  if (new_max == -std::numeric_limits<S>::infinity()) {  // nothing visible yet: P = 0
-    scores.setZero();
-    return;
-  }
+void online_softmax_row(S* row, index_t visible, index_t n, S& row_max, S& row_sum, AccumulatorRow&& accumulator_row) {
+  std::fill(row + visible, row + n, S(0));
+  Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> scores(row, visible);
+  const S new_max = visible > 0 ? std::max(row_max, scores.maxCoeff()) : row_max;
+  if (new_max == -std::numeric_limits<S>::infinity()) return;  // nothing visible yet: P = 0
   scores = (scores - new_max).exp();
   const S rescale = std::exp(row_max - new_max);  // 0 on the first visible tile
   if (rescale != S(1)) accumulator_row *= rescale;
@@ -107,9 +100,9 @@ void forward_query_tile(const forward_problem<S>& pb, const Plan& plan, index_t 
     for (index_t r = 0; r < br; ++r) {
       const index_t i = query_position(pb.options.q_start, r0 + r);
       S* row = &scores(r, 0);
-      plan.add_row(h, i, j0, bc, row);
-      if (pb.options.mask == masking::causal) mask_future_keys(row, i, j0, bc);
-      online_softmax_row(row, bc, s.row_max[r], s.row_sum[r], acc.row(r));
+      const index_t visible = visible_key_count(pb.options.mask, i, j0, bc);
+      plan.add_row(h, i, j0, visible, row);
+      online_softmax_row(row, visible, bc, s.row_max[r], s.row_sum[r], acc.row(r));
     }
     acc.noalias() += scores * pb.v.rows(b, kv_head, c0, bc);  // (Br, Dv)
   }

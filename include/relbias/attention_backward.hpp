@@ -78,13 +78,10 @@ void recompute_probabilities(const backward_problem<S>& pb, const Plan& plan, Ti
     const index_t i = query_position(pb.options.q_start, r0 + r);
     const S lse = pb.lse[std::size_t(pb.lse_index(b, h, r0 + r))];
     S* row = &p(r, 0);
-    if (lse == -std::numeric_limits<S>::infinity()) {
-      std::fill(row, row + p.cols(), S(0));
-      continue;
-    }
-    plan.add_row(h, i, j0, p.cols(), row);
-    if (pb.options.mask == masking::causal) mask_future_keys(row, i, j0, p.cols());
-    Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> scores(row, p.cols());
+    const index_t visible = lse == -std::numeric_limits<S>::infinity() ? 0 : visible_key_count(pb.options.mask, i, j0, p.cols());
+    std::fill(row + visible, row + p.cols(), S(0));  // exact zeros, as in the forward
+    plan.add_row(h, i, j0, visible, row);
+    Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> scores(row, visible);
     scores = (scores - lse).exp();
   }
 }

@@ -46,6 +46,9 @@ row_matrix<S> reference_probabilities(const input_tensor<S>& q, const input_tens
       continue;
     }
     p.row(r) = (p.row(r).array() - row_max).exp().matrix();
+    // Exact zeros where masked: Eigen's exp(-inf) is a subnormal in double, not 0.
+    const index_t visible = visible_key_count(options.mask, i, options.k_start, p.cols());
+    p.row(r).tail(p.cols() - visible).setZero();
     const S sum = p.row(r).sum();
     p.row(r) /= sum;
     lse[r] = row_max + std::log(sum);

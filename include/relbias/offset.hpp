@@ -39,6 +39,12 @@ constexpr bool is_masked(masking mode, index_t i, index_t j) noexcept {
   return mode == masking::causal && j > i;
 }
 
+/// Of n consecutive keys starting at position j0, how many query i sees. Always a prefix: causal
+/// attention hides exactly the keys after i.
+constexpr index_t visible_key_count(masking mode, index_t i, index_t j0, index_t n) noexcept {
+  return mode == masking::causal ? std::clamp<index_t>(i - j0 + 1, 0, n) : n;
+}
+
 /// KV-cache decoding aligns the last query with the last key (bottom-right alignment):
 /// the Lq new queries sit at positions Lk - Lq .. Lk - 1 when the keys start at 0.
 /// This is FlashAttention's `i + seqlen_k - seqlen_q` and HF T5's cache_position.
