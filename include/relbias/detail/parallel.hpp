@@ -35,6 +35,10 @@ void parallel_items(index_t count, int threads, MakeScratch make_scratch, Body b
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads)
   {
+    // Eigen parallelises a product itself when it finds one thread in the team; our tiles are
+    // already the parallel grain. Setting this thread's own ICV keeps Eigen's products serial
+    // and does not leak to the caller (ICVs set inside a region are local to its tasks).
+    omp_set_num_threads(1);
     auto scratch = make_scratch();
 #pragma omp for schedule(dynamic, 1)
     for (index_t item = 0; item < count; ++item) body(item, scratch);
