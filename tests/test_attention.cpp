@@ -4,6 +4,8 @@
 
 #include <relbias/attention.hpp>
 #include <relbias/bias/alibi.hpp>
+#include <relbias/bias/fire.hpp>
+#include <relbias/bias/kerple.hpp>
 #include <relbias/bias/none.hpp>
 
 #include <cmath>
@@ -93,6 +95,24 @@ TEMPLATE_TEST_CASE("attention: offsets, GQA, batches and policies", "[attention]
     CHECK(fused_vs_reference(alibi<S>{4}, gqa, shifted, {.rows = 4, .cols = 8}) < tolerance<S>());
     CHECK(fused_vs_reference(wave_bias<S>{4}, gqa, decode, {.rows = 4, .cols = 8}) < tolerance<S>());
     CHECK(fused_vs_reference(wave_bias<S>{4}, {.lq = 1, .lk = 40, .hq = 4, .hk = 1}, decode) < tolerance<S>());
+  }
+}
+
+TEMPLATE_TEST_CASE("attention: KERPLE and FIRE through their fast paths", "[attention]", float, double) {
+  using S = TestType;
+  const case_shape c{.batch = 1, .lq = 13, .lk = 29, .hq = 3, .hk = 1, .dim = 8, .dim_v = 8};
+  // FIRE with L = 8: query positions 16 .. 28 lie past L (per-row normaliser); starting at 3,
+  // rows 3 .. 7 share the normaliser of L (distance table) and row 8 is the tie i == L.
+  const fire<S> small_threshold{3, 5, fire_config{.init_L = 8}};
+  for (masking mask : {masking::bidirectional, masking::causal}) {
+    INFO("mask=" << int(mask));
+    for (index_t q_start : {0, 3, 16}) {
+      const attention_options<S> options{.mask = mask, .q_start = q_start};
+      CHECK(fused_vs_reference(kerple_power<S>{3, 7}, c, options, {.rows = 4, .cols = 8}) < tolerance<S>());
+      CHECK(fused_vs_reference(kerple_log<S>{3, 7}, c, options, {.rows = 4, .cols = 8}) < tolerance<S>());
+      CHECK(fused_vs_reference(small_threshold, c, options, {.rows = 4, .cols = 8}) < tolerance<S>());
+      CHECK(fused_vs_reference(fire<S>{3, 5}, c, options) < tolerance<S>());
+    }
   }
 }
 

@@ -22,6 +22,7 @@
 //    each side half the gradient at a tie i == L.
 
 #include "relbias/concepts.hpp"
+#include "relbias/detail/fire_kernels.hpp"
 #include "relbias/detail/random.hpp"
 
 #include <Eigen/Core>
@@ -211,6 +212,13 @@ class fire {
   void accumulate_gradient(index_t h, index_t i, index_t j, Scalar d_bias, std::span<Scalar> grad) const {
     const Scalar dx = accumulate_mlp_gradient(h, input(i, j), d_bias, grad);
     accumulate_input_gradient(i, distance(i, j), dx, grad);
+  }
+
+  /// The fused kernels' fast paths (detail/fire_kernels.hpp): the MLP once per distance for
+  /// rows below L, vectorised per element above it.
+  detail::fire_plan<fire> make_plan(const position_window& window) const { return {*this, window}; }
+  detail::fire_gradient_accumulator<fire> make_gradient_accumulator(const position_window& window) const {
+    return {*this, window};
   }
 
   /// d psi(d) / dc = sgn(c d) d / (|c d| + 1), for distance tables of the fused backward.

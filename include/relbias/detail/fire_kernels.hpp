@@ -1,0 +1,202 @@
+#pragma once
+// FIRE's fast paths for the fused kernels (bias/fire.hpp hooks them in through make_plan and
+// make_gradient_accumulator).
+//
+// FIRE's input x(i, j) = psi(|i - j|) / (psi(max(i, L)) + eps) has one normaliser per query row.
+//  * Rows with i < L share the normaliser psi(L) + eps, so there the bias is a function of the
+//    distance alone: the MLP runs once per distance for all heads at once, into an offset table,
+//    and the backward sums dS per (head, distance) before one MLP backward per distance.
+//  * Rows with i > L have their own normaliser: the MLP (Linear(1, W) -> ReLU -> Linear(W, H))
+//    runs per element, one head at a time, vectorised over a chunk of keys with the hidden
+//    units in the outer loop. The input gradient of a row needs only two sums over its keys,
+//    since dx/dc splits into a distance part and a row part.
+//  * A row with i == L exactly (torch.max's tie, gradient split 1/2 : 1/2) goes through the
+//    policy's per-cell gradient, which implements that convention.
+
+#include "relbias/concepts.hpp"
+#include "relbias/detail/bias_plan.hpp"
+#include "relbias/offset.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <span>
+#include <vector>
+
+namespace relbias::detail {
+
+/// Keys handled per inner chunk: small enough for stack buffers, long enough to vectorise.
+inline constexpr index_t fire_chunk = 64;
+
+/// psi(d) = log(|c| d + 1) and its derivative in c, sgn(c) d / (|c| d + 1), for d = 0 .. D.
+template <class Fire>
+struct fire_distance_tables {
+  using S = typename Fire::scalar_type;
+  std::vector<S> psi, d_psi_dc;
+
+  fire_distance_tables(const Fire& fire, index_t max_distance)
+      : psi(std::size_t(max_distance + 1)), d_psi_dc(std::size_t(max_distance + 1)) {
+    for (index_t d = 0; d <= max_distance; ++d) {
+      psi[std::size_t(d)] = fire.log_distance(d);
+      d_psi_dc[std::size_t(d)] = fire.log_distance_derivative(d);
+    }
+  }
+};
+
+/// x[c] = psi(|i - (j0 + c)|) / normaliser for c in [0, n).
+template <class S>
+void fire_inputs(const std::vector<S>& psi, index_t i, index_t j0, index_t n, S normaliser, S* x) {
+  for (index_t c = 0; c < n; ++c) x[c] = psi[std::size_t(distance(i, j0 + c))] / normaliser;
+}
+
+/// Whether row i has the shared normaliser of the rows below the threshold.
+template <class Fire>
+bool below_threshold(const Fire& fire, index_t i) {
+  return typename Fire::scalar_type(i) < fire.threshold();
+}
+
+template <class Fire>
+class fire_plan {
+ public:
+  using scalar_type = typename Fire::scalar_type;
+  using S = scalar_type;
+
+  fire_plan(const Fire& fire, const position_window& window)
+      : fire_(fire), tables_(fire, window.max_distance()), below_(fire.num_heads(), window) {
+    if (!below_threshold(fire, window.q_start)) return;  // no row uses the shared normaliser
+    const S normaliser = fire.normalizer(window.q_start);
+    std::vector<S> by_distance(std::size_t((window.max_distance() + 1) * fire.num_heads()));  // (D + 1, H)
+    for (index_t d = 0; d <= window.max_distance(); ++d)
+      fire.mlp_all_heads(tables_.psi[std::size_t(d)] / normaliser, &by_distance[std::size_t(d * fire.num_heads())]);
+    for (index_t h = 0; h < fire.num_heads(); ++h)
+      below_.fill(h, [&](index_t head, index_t delta) {
+        return by_distance[std::size_t((delta < 0 ? -delta : delta) * fire.num_heads() + head)];
+      });
+  }
+
+  void add_row(index_t h, index_t i, index_t j0, index_t n, S* row) const {
+    if (below_threshold(fire_, i)) {
+      const S* values = below_.row(h, i, j0);
+      for (index_t c = 0; c < n; ++c) row[c] += values[c];
+      return;
+    }
+    const S normaliser = fire_.normalizer(i);
+    for (index_t c0 = 0; c0 < n; c0 += fire_chunk) add_chunk(h, i, j0 + c0, std::min(fire_chunk, n - c0), normaliser, row + c0);
+  }
+
+ private:
+  void add_chunk(index_t h, index_t i, index_t j0, index_t n, S normaliser, S* row) const {
+    S x[fire_chunk], out[fire_chunk];
+    fire_inputs(tables_.psi, i, j0, n, normaliser, x);
+    std::fill(out, out + n, fire_.b2()[h]);
+    const auto w1 = fire_.W1(), b1 = fire_.b1();
+    const auto w2 = fire_.W2();
+    for (index_t k = 0; k < w1.size(); ++k) {  // hidden units outer, keys inner: vectorises
+      const S w1k = w1[k], b1k = b1[k], w2hk = w2(h, k);
+      for (index_t c = 0; c < n; ++c) out[c] += w2hk * std::max(w1k * x[c] + b1k, S(0));
+    }
+    for (index_t c = 0; c < n; ++c) row[c] += out[c];
+  }
+
+  const Fire& fire_;
+  fire_distance_tables<Fire> tables_;
+  offset_table<S> below_;  // (H, offsets): the bias of rows with i < L
+};
+
+template <class Fire>
+class fire_gradient_accumulator {
+ public:
+  using S = typename Fire::scalar_type;
+
+  fire_gradient_accumulator(const Fire& fire, const position_window& window)
+      : fire_(fire), window_(window), tables_(fire, window.max_distance()),
+        below_(std::size_t(fire.num_heads() * (window.max_distance() + 1)), S(0)),
+        grad_(param_vector<S>::Zero(fire.parameters().size())) {}
+
+  void add_row(index_t h, index_t i, index_t j0, index_t n, const S* ds) {
+    if (below_threshold(fire_, i)) {  // sum by distance; the MLP backward runs in finish()
+      S* sums = &below_[std::size_t(h * (window_.max_distance() + 1))];
+      for (index_t c = 0; c < n; ++c) sums[distance(i, j0 + c)] += ds[c];
+    } else if (S(i) == fire_.threshold()) {
+      const std::span<S> grad(grad_.data(), std::size_t(grad_.size()));
+      for (index_t c = 0; c < n; ++c) fire_.accumulate_gradient(h, i, j0 + c, ds[c], grad);
+    } else {
+      add_row_above(h, i, j0, n, ds);
+    }
+  }
+
+  void finish(std::span<S> grad) {
+    const std::span<S> own(grad_.data(), std::size_t(grad_.size()));
+    if (below_threshold(fire_, window_.q_start)) {
+      const S normaliser = fire_.normalizer(window_.q_start);
+      for (index_t d = 0; d <= window_.max_distance(); ++d) {
+        const S x = tables_.psi[std::size_t(d)] / normaliser;
+        S dx = 0;
+        for (index_t h = 0; h < fire_.num_heads(); ++h) {
+          const S g = below_[std::size_t(h * (window_.max_distance() + 1) + d)];
+          if (g != S(0)) dx += fire_.accumulate_mlp_gradient(h, x, g, own);
+        }
+        if (dx != S(0)) fire_.accumulate_input_gradient(window_.q_start, d, dx, own);
+      }
+    }
+    for (std::size_t n = 0; n < grad.size(); ++n) grad[n] += grad_[index_t(n)];
+  }
+
+ private:
+  /// Rows with i > L: the MLP backward per element, then the input gradient of the row from two
+  /// sums, sum dx psi'(d) and sum dx psi(d) (dx/dc = psi'(d)/den - psi(d) psi'(N)/den^2; the
+  /// normaliser N = i does not depend on L there).
+  void add_row_above(index_t h, index_t i, index_t j0, index_t n, const S* ds) {
+    const S normaliser = fire_.normalizer(i);
+    S dx_dpsi = 0, dx_psi = 0;
+    for (index_t c0 = 0; c0 < n; c0 += fire_chunk) {
+      const index_t m = std::min(fire_chunk, n - c0);
+      S x[fire_chunk], dx[fire_chunk];
+      fire_inputs(tables_.psi, i, j0 + c0, m, normaliser, x);
+      mlp_backward_chunk(h, x, ds + c0, m, dx);
+      for (index_t c = 0; c < m; ++c) {
+        const std::size_t d = std::size_t(distance(i, j0 + c0 + c));
+        dx_dpsi += dx[c] * tables_.d_psi_dc[d];
+        dx_psi += dx[c] * tables_.psi[d];
+      }
+    }
+    grad_[fire_.c_index()] += dx_dpsi / normaliser - dx_psi * fire_.log_distance_derivative_real(S(i)) / (normaliser * normaliser);
+  }
+
+  /// Adds the MLP parameter gradients of head h for n inputs x with upstream g, and writes
+  /// dL/dx per input. ReLU'(0) = 0 as in PyTorch.
+  void mlp_backward_chunk(index_t h, const S* x, const S* g, index_t n, S* dx) {
+    const auto w1 = fire_.W1(), b1 = fire_.b1();
+    const auto w2 = fire_.W2();
+    const index_t width = w1.size();
+    S* grad_w1 = grad_.data() + fire_.W1_index();
+    S* grad_b1 = grad_.data() + fire_.b1_index();
+    S* grad_w2 = grad_.data() + fire_.W2_index() + h * width;
+    std::fill(dx, dx + n, S(0));
+    S g_sum = 0;
+    for (index_t c = 0; c < n; ++c) g_sum += g[c];
+    grad_[fire_.b2_index() + h] += g_sum;
+    for (index_t k = 0; k < width; ++k) {
+      const S w1k = w1[k], b1k = b1[k], w2hk = w2(h, k);
+      S ga = 0, dz_sum = 0, dz_x = 0;
+      for (index_t c = 0; c < n; ++c) {
+        const S z = w1k * x[c] + b1k;
+        const S dz = z > S(0) ? g[c] * w2hk : S(0);
+        ga += z > S(0) ? g[c] * z : S(0);
+        dz_sum += dz;
+        dz_x += dz * x[c];
+        dx[c] += dz * w1k;
+      }
+      grad_w2[k] += ga;
+      grad_b1[k] += dz_sum;
+      grad_w1[k] += dz_x;
+    }
+  }
+
+  const Fire& fire_;
+  position_window window_;
+  fire_distance_tables<Fire> tables_;
+  std::vector<S> below_;  // (H, D + 1): dS summed by distance over rows with i < L
+  param_vector<S> grad_;
+};
+
+}  // namespace relbias::detail
