@@ -155,7 +155,7 @@ void fused_backward(const backward_problem<S>& pb, const Plan& plan, MakeAccumul
         for (index_t item = thread; item < items; item += threads)
           backward_item(pb, plan, partial ? &*partial : nullptr, s, item / pb.k.heads, item % pb.k.heads);
       });
-  for (const auto& partial : partials)
+  for (auto& partial : partials)
     if (partial) partial->finish(grad);
 }
 
