@@ -42,7 +42,7 @@ struct backward_problem {
   S scale;
   index_t group;
   tile_shape tiles{.rows = 64, .cols = 128};
-  std::vector<S> row_delta;  // [b][h][row]: rowsum(dO o O), the softmax backward's correction
+  std::vector<S> row_delta{};  // [b][h][row]: rowsum(dO o O), the softmax backward's correction
 
   index_t lse_index(index_t b, index_t h, index_t r) const { return (b * q.heads + h) * q.seq + r; }
   /// First query row that sees a key at or after position j0 (causal), else 0.
