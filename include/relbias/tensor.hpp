@@ -35,6 +35,12 @@ struct tensor_view {
   }
   matrix_map matrix(index_t b, index_t h) const { return rows(b, h, 0, seq); }
 
+  /// Positions [first, first + count) of the sequence axis, same memory (a KV-cache prefix, one
+  /// decoding step's query).
+  tensor_view positions(index_t first, index_t count) const {
+    return {data + first * seq_stride, batch, count, heads, dim, batch_stride, seq_stride, head_stride};
+  }
+
   operator tensor_view<const T>() const noexcept requires(!std::is_const_v<T>) {
     return {data, batch, seq, heads, dim, batch_stride, seq_stride, head_stride};
   }

@@ -23,12 +23,14 @@ class random_stream {
 
   /// Uniform in [0, 1) with 53 random bits.
   double uniform() noexcept { return double(next() >> 11) * 0x1.0p-53; }
-  double uniform(double lo, double hi) noexcept { return lo + (hi - lo) * uniform(); }
+  // std::fma: a fused multiply-add by definition, so the value does not depend on whether the
+  // compiler contracts lo + span * u at this call site (GCC does in GNU mode, per inlining).
+  double uniform(double lo, double hi) noexcept { return std::fma(hi - lo, uniform(), lo); }
 
   /// Normal(mean, std) by Box-Muller (one value per call; 1 - u keeps the log finite).
   double normal(double mean, double std) noexcept {
     const double radius = std::sqrt(-2.0 * std::log(1.0 - uniform()));
-    return mean + std * radius * std::cos(2.0 * std::numbers::pi * uniform());
+    return std::fma(std * radius, std::cos(2.0 * std::numbers::pi * uniform()), mean);
   }
 
  private:
