@@ -21,3 +21,6 @@
 #include "relbias/attention_options.hpp"
 #include "relbias/attention_reference.hpp"
 #include "relbias/attention_reference_backward.hpp"
+
+// Training
+#include "relbias/train.hpp"
