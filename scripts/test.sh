@@ -18,7 +18,7 @@ summary=(tail -n 4)  # the earlier suites show their summary only (all of it on 
 echo "== clang++, -Werror"
 CXX=clang++ run_suite build-clang -DCMAKE_BUILD_TYPE=Release -DRELBIAS_WERROR=ON
 echo "== g++, AddressSanitizer + UndefinedBehaviorSanitizer"
-run_suite build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DRELBIAS_SANITIZE=ON
+run_suite build-asan -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g" -DRELBIAS_SANITIZE=ON
 echo "== g++, -Werror"
 summary=(cat)
 run_suite build-release -DCMAKE_BUILD_TYPE=Release -DRELBIAS_WERROR=ON
