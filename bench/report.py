@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-NAME = re.compile(r"^(?P<pass>\w+)/(?P<policy>[\w/]+?)/(?P<args>.*)/real_time$")
+NAME = re.compile(r"^(?P<pass>\w+)/(?P<policy>[\w/]+?)/(?P<args>.*?)(/min_time:[\d.]+)?/real_time$")
 
 
 def load(path):
@@ -120,6 +120,25 @@ def backward_table(rows, forward_rows):
     return lines
 
 
+def median_table(path):
+    """The acceptance checks at L = 4096 from repeated, interleaved runs: medians, ratios to none."""
+    medians = {}
+    for b in json.loads(Path(path).read_text())["benchmarks"]:
+        if b.get("aggregate_name") != "median":
+            continue
+        m = NAME.match(b["run_name"])
+        a = dict(kv.split(":") for kv in m["args"].split("/"))
+        medians[(m["pass"], m["policy"], int(a["causal"]))] = b
+    lines = ["\n### L = 4096: medians of interleaved repetitions (the acceptance checks)\n",
+             "| pass | policy | mode | ms | GFLOP/s | time / none |", "|---|---|---|---|---|---|"]
+    for (pas, policy, causal), b in sorted(medians.items(), key=lambda r: (r[0][0] != "forward", r[0][2], r[0][1] != "none", r[0][1])):
+        none = medians.get((pas, "none", causal))
+        ratio = f"{b['real_time'] / none['real_time']:.2f}x" if none else "-"
+        lines.append(f"| {pas} | {policy} | {'causal' if causal else 'bidirectional'} | {b['real_time']:.0f} | "
+                     f"{b['GFLOPS']:.1f} | {ratio} |")
+    return lines
+
+
 def main():
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
@@ -130,6 +149,9 @@ def main():
         lines += decode_table(load(sys.argv[3]), out)
     if len(sys.argv) > 4:
         lines += backward_table(load(sys.argv[4]), forward)
+    targets = Path(sys.argv[2]).with_name("targets.json")
+    if targets.exists():
+        lines += median_table(targets)
     if len(sys.argv) > 5:
         lines += ["\n### Peak memory of the kernel beyond its tensors (causal)\n", "```",
                   Path(sys.argv[5]).read_text().strip(), "```"]

@@ -1,10 +1,13 @@
 #pragma once
-// The plain reference backward: one head at a time, P rebuilt with the reference forward's
-// code, every product with Eigen. The fused backward and every gradient are tested against it
-// (and it against finite differences).
+// The plain reference backward: one head at a time, P rebuilt by the reference forward's own
+// code (detail::reference_probabilities), every product with Eigen. The fused backward is tested
+// against it, and it against central finite differences (tests/test_attention_reference_backward.cpp).
 //
-//   dV = P^T dO      dP = dO V^T      dS = P o (dP - rowsum(dO o O))
-//   dQ = scale dS K  dK = scale dS^T Q     dtheta = sum over cells of dS * db/dtheta
+//   dV = P^T dO      dP = dO V^T      D = rowsum(dO o O)      dS = P o (dP - D)
+//   dQ = scale dS K      dK = scale dS^T Q      dtheta = sum over visible cells of dS * db/dtheta
+//
+// dS is also dL/dB (the bias is added to the scores unscaled), so the bias gradient is dS
+// pushed through the policy's chain rule.
 
 #include "relbias/attention_options.hpp"
 #include "relbias/attention_reference.hpp"
@@ -15,72 +18,132 @@
 
 #include <Eigen/Core>
 
+#include <cstddef>
 #include <span>
+#include <string>
 #include <vector>
 
 namespace relbias {
 
 namespace detail {
 
-/// Adds head h's bias-parameter gradient for one (Lq, Lk) block of dS: along each diagonal for
-/// shift-invariant policies, per cell otherwise.
-template <differentiable_bias Bias, class S = typename Bias::scalar_type>
+/// A policy without parameters has no gradient to receive: a non-empty bias_grad is a caller's
+/// mistake (it would silently stay untouched), so say so instead of ignoring it.
+template <class Bias>
+void check_reference_bias_grad(const char* where, std::size_t bias_grad_size) {
+  if constexpr (!learned_bias<Bias>)
+    if (bias_grad_size != 0)
+      fail(where, "bias_grad must be empty: the policy has no learned parameters, got " + std::to_string(bias_grad_size) +
+                      " values");
+}
+
+/// Shift-invariant policies: sum dS (Lq, Lk) of head h along each diagonal i - j, then one call
+/// to the policy. by_offset[n] holds the diagonal delta = window.min_offset() + n. Masked cells
+/// add their exact zero.
+template <offset_differentiable_bias Bias, class S = typename Bias::scalar_type>
+void reference_offset_gradient(const Bias& bias, const attention_options<S>& options, index_t h, const row_matrix<S>& ds,
+                               std::span<S> grad) {
+  const position_window window = options.window(ds.rows(), ds.cols());
+  std::vector<S> by_offset(std::size_t(window.offset_count()), S(0));
+  for (index_t r = 0; r < ds.rows(); ++r)
+    for (index_t c = 0; c < ds.cols(); ++c) {
+      const index_t delta = relative_offset(query_position(options.q_start, r), key_position(options.k_start, c));
+      by_offset[std::size_t(delta - window.min_offset())] += ds(r, c);
+    }
+  bias.accumulate_offset_gradient(h, window.min_offset(), std::span<const S>(by_offset), grad);
+}
+
+/// Any other learned policy: the chain rule cell by cell. Masked cells are skipped rather than
+/// passed a zero: their dS is 0, and a policy need not be defined (finite) where keys are hidden.
+template <cell_differentiable_bias Bias, class S = typename Bias::scalar_type>
+void reference_cell_gradient(const Bias& bias, const attention_options<S>& options, index_t h, const row_matrix<S>& ds,
+                             std::span<S> grad) {
+  for (index_t r = 0; r < ds.rows(); ++r) {
+    const index_t i = query_position(options.q_start, r);
+    for (index_t c = 0; c < ds.cols(); ++c) {
+      const index_t j = key_position(options.k_start, c);
+      if (!is_masked(options.mask, i, j)) bias.accumulate_gradient(h, i, j, ds(r, c), grad);
+    }
+  }
+}
+
+/// Adds head h's share of dL/dtheta for one (Lq, Lk) block of dS; the diagonal path wins when a
+/// policy offers both (it is the cheaper one and must agree).
+template <class Bias, class S = typename Bias::scalar_type>
 void reference_bias_gradient(const Bias& bias, const attention_options<S>& options, index_t h, const row_matrix<S>& ds,
                              std::span<S> grad) {
-  const position_window window = options.window(ds.rows(), ds.cols());
   if constexpr (offset_differentiable_bias<Bias>) {
-    std::vector<S> by_offset(std::size_t(window.offset_count()), S(0));  // index delta - min_offset
-    for (index_t r = 0; r < ds.rows(); ++r)
-      for (index_t c = 0; c < ds.cols(); ++c)
-        by_offset[std::size_t(relative_offset(query_position(options.q_start, r), key_position(options.k_start, c)) -
-                              window.min_offset())] += ds(r, c);
-    bias.accumulate_offset_gradient(h, window.min_offset(), by_offset, grad);
+    reference_offset_gradient(bias, options, h, ds, grad);
+  } else if constexpr (cell_differentiable_bias<Bias>) {
+    reference_cell_gradient(bias, options, h, ds, grad);
   } else {
-    for (index_t r = 0; r < ds.rows(); ++r)
-      for (index_t c = 0; c < ds.cols(); ++c)
-        if (ds(r, c) != S(0))
-          bias.accumulate_gradient(h, query_position(options.q_start, r), key_position(options.k_start, c), ds(r, c), grad);
+    static_assert(!learned_bias<Bias>, "a learned policy needs accumulate_offset_gradient or accumulate_gradient "
+                                       "(see concepts.hpp) for reference_attention_backward to reach its parameters");
   }
+}
+
+/// Query head h of batch b: overwrites its rows of dq, adds its share into dk and dv of its
+/// key/value head (GQA: the group's query heads sum there), and into bias_grad if not empty.
+template <bias_policy Bias, class S = typename Bias::scalar_type>
+void reference_head_backward(const input_tensor<S>& q, const input_tensor<S>& k, const input_tensor<S>& v,
+                             const input_tensor<S>& o, const input_tensor<S>& d_out, const Bias& bias,
+                             const attention_options<S>& options, index_t b, index_t h, const output_tensor<S>& dq,
+                             const output_tensor<S>& dk, const output_tensor<S>& dv, std::span<S> bias_grad) {
+  const index_t hk = h / (q.heads / k.heads);
+  const S scale = options.scale_for(q.dim);
+  Eigen::Matrix<S, Eigen::Dynamic, 1> unused_lse(q.seq);  // (Lq): P is rebuilt, not read back from lse
+  const row_matrix<S> p = reference_probabilities(q, k, bias, options, b, h, unused_lse);  // (Lq, Lk)
+  const auto d_o = d_out.matrix(b, h);                                                     // (Lq, Dv)
+
+  dv.matrix(b, hk).noalias() += p.transpose() * d_o;                                       // (Lk, Dv)
+  const row_matrix<S> dp = d_o * v.matrix(b, hk).transpose();                              // (Lq, Lk)
+  const Eigen::Matrix<S, Eigen::Dynamic, 1> row_delta =
+      (d_o.array() * o.matrix(b, h).array()).rowwise().sum();                                // (Lq)
+  // A row without visible keys has P = 0, so its dS row is exactly 0: no gradient, no NaN.
+  const row_matrix<S> ds = (p.array() * (dp.colwise() - row_delta).array()).matrix();      // (Lq, Lk)
+
+  dq.matrix(b, h).noalias() = scale * (ds * k.matrix(b, hk));                              // (Lq, D)
+  dk.matrix(b, hk).noalias() += scale * (ds.transpose() * q.matrix(b, h));                 // (Lk, D)
+  if constexpr (learned_bias<Bias>)
+    if (!bias_grad.empty()) reference_bias_gradient(bias, options, h, ds, bias_grad);
 }
 
 }  // namespace detail
 
-/// Reference backward, same contract as attention_backward(): dq, dk, dv overwritten (GQA: dk,
-/// dv summed over each group's query heads); bias_grad, laid out like bias.parameters(),
-/// accumulated into (+=), or empty to skip.
+/// Reference backward of reference_attention(), same contract as attention_backward().
+///   q [B, Lq, Hq, D], k [B, Lk, Hk, D], v [B, Lk, Hk, Dv] (Hk divides Hq), o and d_out = dL/dO
+///   [B, Lq, Hq, Dv], lse the forward's B * Hq * Lq row log-sum-exps ([b][h][row]).
+///   dq, dk, dv (shaped like q, k, v) are OVERWRITTEN; with GQA, dk and dv of a key/value head
+///   sum over the query heads of its group.
+///   bias_grad, laid out like bias.parameters(), is ACCUMULATED (+=): one T5/KERPLE/FIRE table
+///   usually serves every layer, so each layer's backward adds its share into one buffer. Zero
+///   it before the first layer. Pass it empty for no bias gradient; it must be empty for a
+///   policy without learned parameters.
+/// lse is checked but not read: P is recomputed exactly as the forward did, which keeps the
+/// reference independent of the statistics the fused kernels rely on. Rows that see no key
+/// (O = 0, lse = -inf) pass zero gradient to everything.
 template <bias_policy Bias, class S = typename Bias::scalar_type>
 void reference_attention_backward(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v, input_tensor<S> o,
                                   input_tensor<S> d_out, input_span<S> lse, const Bias& bias,
                                   const attention_options<S>& options, output_tensor<S> dq, output_tensor<S> dk,
                                   output_tensor<S> dv, output_span<S> bias_grad = {}) {
   // Preconditions
+  //   q, k, v, the bias's head count and options as for reference_attention(); o, d_out, dq, dk,
+  //   dv shaped as above; lse of B * Hq * Lq values; bias_grad empty or of parameters().size().
   constexpr const char* where = "relbias::reference_attention_backward";
   detail::check_qkv(where, q, k, v, index_t(bias.num_heads()), options);
+  detail::check_reference_bias_grad<Bias>(where, bias_grad.size());
   std::size_t parameter_count = 0;
   if constexpr (learned_bias<Bias>) parameter_count = std::size_t(bias.parameters().size());
   detail::check_backward(where, q, k, v, o, d_out, lse, dq, dk, dv, bias_grad.size(), parameter_count);
 
-  const index_t group = q.heads / k.heads;
-  const S scale = options.scale_for(q.dim);
-  Eigen::Matrix<S, Eigen::Dynamic, 1> row_lse(q.seq);  // (Lq), recomputed with P
   for (index_t b = 0; b < q.batch; ++b) {
-    for (index_t hk = 0; hk < k.heads; ++hk) {
+    for (index_t hk = 0; hk < k.heads; ++hk) {  // summed into by every query head of the group
       dk.matrix(b, hk).setZero();
       dv.matrix(b, hk).setZero();
     }
-    for (index_t h = 0; h < q.heads; ++h) {
-      const index_t hk = h / group;
-      detail::row_matrix<S> ds = detail::reference_probabilities(q, k, bias, options, b, h, row_lse);  // P (Lq, Lk)
-      dv.matrix(b, hk).noalias() += ds.transpose() * d_out.matrix(b, h);                              // (Lk, Dv)
-      const detail::row_matrix<S> dp = d_out.matrix(b, h) * v.matrix(b, hk).transpose();              // (Lq, Lk)
-      const Eigen::Matrix<S, Eigen::Dynamic, 1> delta =
-          (d_out.matrix(b, h).array() * o.matrix(b, h).array()).rowwise().sum();  // (Lq)
-      ds = (ds.array() * (dp.colwise() - delta).array()).matrix();               // dS (Lq, Lk)
-      dq.matrix(b, h).noalias() = scale * (ds * k.matrix(b, hk));                // (Lq, D)
-      dk.matrix(b, hk).noalias() += scale * (ds.transpose() * q.matrix(b, h));   // (Lk, D)
-      if constexpr (differentiable_bias<Bias>)
-        if (!bias_grad.empty()) detail::reference_bias_gradient(bias, options, h, ds, bias_grad);
-    }
+    for (index_t h = 0; h < q.heads; ++h)
+      detail::reference_head_backward(q, k, v, o, d_out, bias, options, b, h, dq, dk, dv, bias_grad);
   }
 }
 
