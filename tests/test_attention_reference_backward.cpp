@@ -270,7 +270,7 @@ TEST_CASE("reference backward: FIRE's b2 and unused T5 buckets get zero gradient
   const double largest = max_abs(fire_grad.bias.data(), index_t(fire_grad.bias.size()));
   REQUIRE(largest > 1e-2);
   for (index_t h = 0; h < f.num_heads(); ++h)
-    CHECK(std::abs(fire_grad.bias[std::size_t(f.b2_index() + h)]) <= 1e-14 * largest);
+    CHECK(std::abs(fire_grad.bias[std::size_t(f.b2_index() + h)]) <= 1e-13 * largest);  // seen: 2e-15
 
   // Causal 32/128 buckets: the distances seen, 0..6, are buckets 0..6; no cell touches the others.
   t5<double> bias{4, masking::causal, 32, 128};
