@@ -7,6 +7,7 @@
 #include <Eigen/Core>
 
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -14,6 +15,7 @@
 #include <span>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <vector>
 
 namespace relbias {
@@ -28,6 +30,23 @@ void check_gradient_size(const char* where, const Policy& policy, std::size_t gr
                                 " parameters, got " + std::to_string(gradient_size));
 }
 
+/// Optimiser state belongs to one policy: stepping another policy with it would mix their
+/// histories, so a size change after the first step is an error rather than a silent reset.
+inline void check_state_size(const char* where, index_t state_size, index_t parameter_count) {
+  if (state_size != 0 && state_size != parameter_count)
+    throw std::invalid_argument(std::string(where) + ": this optimiser's state is for " + std::to_string(state_size) +
+                                " parameters, the policy has " + std::to_string(parameter_count) +
+                                " (use one optimiser per policy)");
+}
+
+/// Hyper-parameters are checked once, at construction (PyTorch rejects the same values).
+template <class S>
+void check_hyper(const char* where, const char* name, S value, bool valid, const char* range) {
+  if (!valid || !std::isfinite(value))
+    throw std::invalid_argument(std::string(where) + ": " + name + " must be finite and " + range + ", got " +
+                                std::to_string(double(value)));
+}
+
 /// After a step, policies with constraints (KERPLE) clamp their stored values, as the
 /// reference code does at every forward.
 template <class Policy>
@@ -37,39 +56,59 @@ void project_if_constrained(Policy& policy) {
 
 }  // namespace detail
 
-/// Stochastic gradient descent with PyTorch's momentum and (L2) weight decay:
-///   g += weight_decay * p;  buf = momentum * buf + g;  p -= learning_rate * buf
+/// SGD's hyper-parameters, for designated initialisation: sgd<float>{{.learning_rate = 0.1f}}.
 template <std::floating_point Scalar>
 struct sgd_options {
-  Scalar learning_rate = Scalar(1e-2);
+  Scalar learning_rate = Scalar(1e-3);  // PyTorch's default
   Scalar momentum = 0;
   Scalar weight_decay = 0;
 };
 
+/// Stochastic gradient descent with PyTorch's momentum (no dampening) and L2 weight decay:
+///   g += weight_decay * p;  buf = momentum * buf + g  (buf = g at the first step);  p -= lr * buf
+/// then policy.project() if the policy has one. Throws std::invalid_argument for a negative or
+/// non-finite hyper-parameter.
 template <std::floating_point Scalar>
 class sgd {
  public:
-  explicit sgd(sgd_options<Scalar> options = {}) : options_(options) {}
+  explicit sgd(Scalar learning_rate, Scalar momentum = 0, Scalar weight_decay = 0)
+      : sgd(sgd_options<Scalar>{learning_rate, momentum, weight_decay}) {}
+  explicit sgd(sgd_options<Scalar> options) : options_(options) {
+    constexpr const char* where = "relbias::sgd";
+    detail::check_hyper(where, "learning_rate", options.learning_rate, options.learning_rate >= 0, ">= 0");
+    detail::check_hyper(where, "momentum", options.momentum, options.momentum >= 0, ">= 0");
+    detail::check_hyper(where, "weight_decay", options.weight_decay, options.weight_decay >= 0, ">= 0");
+  }
 
+  /// grad is laid out like policy.parameters(); a size mismatch throws std::invalid_argument
+  /// before anything changes.
   template <learned_bias Policy>
   void step(Policy& policy, std::span<const Scalar> grad) {
-    detail::check_gradient_size("relbias::sgd::step", policy, grad.size());
+    static_assert(std::same_as<typename Policy::scalar_type, Scalar>,
+                  "relbias::sgd: use sgd<typename Policy::scalar_type>, the policy's own scalar type");
+    constexpr const char* where = "relbias::sgd::step";
+    detail::check_gradient_size(where, policy, grad.size());
     auto p = policy.parameters();
-    const Eigen::Map<const param_vector<Scalar>> g(grad.data(), p.size());
-    if (velocity_.size() != p.size()) velocity_ = param_vector<Scalar>::Zero(p.size());
-    velocity_ = options_.momentum * velocity_ + g + options_.weight_decay * p;
-    p -= options_.learning_rate * velocity_;
+    detail::check_state_size(where, velocity_.size(), p.size());
+    if (velocity_.size() == 0) velocity_ = param_vector<Scalar>::Zero(p.size());
+    // A plain loop: P is small, and GCC 12 reports false -Warray-bounds on Eigen's packet path
+    // when it can see a short gradient's allocation.
+    const sgd_options<Scalar>& o = options_;
+    for (index_t n = 0; n < p.size(); ++n) {
+      velocity_[n] = o.momentum * velocity_[n] + grad[std::size_t(n)] + o.weight_decay * p[n];
+      p[n] -= o.learning_rate * velocity_[n];
+    }
     detail::project_if_constrained(policy);
   }
 
+  const sgd_options<Scalar>& options() const noexcept { return options_; }
+
  private:
   sgd_options<Scalar> options_;
-  param_vector<Scalar> velocity_;
+  param_vector<Scalar> velocity_;  // (P), sized on the first step
 };
 
-/// Adam (Kingma & Ba 2015) as PyTorch implements it, bias correction included, with L2 weight
-/// decay added to the gradient:
-///   m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+/// Adam's hyper-parameters (PyTorch's defaults), for designated initialisation.
 template <std::floating_point Scalar>
 struct adam_options {
   Scalar learning_rate = Scalar(1e-3);
@@ -79,37 +118,61 @@ struct adam_options {
   Scalar weight_decay = 0;
 };
 
+/// Adam (Kingma & Ba 2015) as PyTorch's torch.optim.Adam computes it (bias correction, L2 weight
+/// decay added to the gradient, no AMSGrad), then policy.project() if the policy has one:
+///   g += weight_decay * p;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
+///   p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)      (PyTorch's order)
+/// Throws std::invalid_argument for hyper-parameters PyTorch rejects.
 template <std::floating_point Scalar>
 class adam {
  public:
-  explicit adam(adam_options<Scalar> options = {}) : options_(options) {}
+  explicit adam(Scalar learning_rate = Scalar(1e-3), Scalar beta1 = Scalar(0.9), Scalar beta2 = Scalar(0.999),
+                Scalar eps = Scalar(1e-8), Scalar weight_decay = 0)
+      : adam(adam_options<Scalar>{learning_rate, beta1, beta2, eps, weight_decay}) {}
+  explicit adam(adam_options<Scalar> options) : options_(options) {
+    constexpr const char* where = "relbias::adam";
+    const adam_options<Scalar>& o = options;
+    detail::check_hyper(where, "learning_rate", o.learning_rate, o.learning_rate >= 0, ">= 0");
+    detail::check_hyper(where, "beta1", o.beta1, o.beta1 >= 0 && o.beta1 < 1, "in [0, 1)");
+    detail::check_hyper(where, "beta2", o.beta2, o.beta2 >= 0 && o.beta2 < 1, "in [0, 1)");
+    detail::check_hyper(where, "eps", o.eps, o.eps >= 0, ">= 0");
+    detail::check_hyper(where, "weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0");
+  }
 
+  /// grad is laid out like policy.parameters(); a size mismatch throws std::invalid_argument
+  /// before anything changes.
   template <learned_bias Policy>
   void step(Policy& policy, std::span<const Scalar> grad) {
-    detail::check_gradient_size("relbias::adam::step", policy, grad.size());
+    static_assert(std::same_as<typename Policy::scalar_type, Scalar>,
+                  "relbias::adam: use adam<typename Policy::scalar_type>, the policy's own scalar type");
+    constexpr const char* where = "relbias::adam::step";
+    detail::check_gradient_size(where, policy, grad.size());
     auto p = policy.parameters();
-    if (first_.size() != p.size()) {
+    detail::check_state_size(where, first_.size(), p.size());
+    if (first_.size() == 0) {
       first_ = param_vector<Scalar>::Zero(p.size());
       second_ = param_vector<Scalar>::Zero(p.size());
-      steps_ = 0;
     }
     const adam_options<Scalar>& o = options_;
-    const param_vector<Scalar> g = Eigen::Map<const param_vector<Scalar>>(grad.data(), p.size()) + o.weight_decay * p;
     ++steps_;
-    first_ = o.beta1 * first_ + (1 - o.beta1) * g;
-    second_ = o.beta2 * second_ + (1 - o.beta2) * g.cwiseProduct(g);
-    const Scalar first_correction = 1 - std::pow(o.beta1, Scalar(steps_));
-    const Scalar second_correction = 1 - std::pow(o.beta2, Scalar(steps_));
-    p.array() -= o.learning_rate * (first_.array() / first_correction) /
-                 ((second_.array() / second_correction).sqrt() + o.eps);
+    const Scalar step_size = o.learning_rate / (1 - std::pow(o.beta1, Scalar(steps_)));
+    const Scalar second_correction_sqrt = std::sqrt(1 - std::pow(o.beta2, Scalar(steps_)));
+    for (index_t n = 0; n < p.size(); ++n) {  // a plain loop, as in sgd::step
+      const Scalar g = grad[std::size_t(n)] + o.weight_decay * p[n];
+      first_[n] = o.beta1 * first_[n] + (1 - o.beta1) * g;
+      second_[n] = o.beta2 * second_[n] + (1 - o.beta2) * g * g;
+      p[n] -= step_size * first_[n] / (std::sqrt(second_[n]) / second_correction_sqrt + o.eps);
+    }
     detail::project_if_constrained(policy);
   }
 
+  /// Steps taken so far (t in the bias corrections).
   std::int64_t steps() const noexcept { return steps_; }
+  const adam_options<Scalar>& options() const noexcept { return options_; }
 
  private:
   adam_options<Scalar> options_;
-  param_vector<Scalar> first_, second_;
+  param_vector<Scalar> first_, second_;  // (P) each, sized on the first step
   std::int64_t steps_ = 0;
 };
 
@@ -127,6 +190,7 @@ struct parameter_header {
   std::uint64_t count;
   std::uint64_t checksum;
 };
+static_assert(sizeof(parameter_header) == 32, "the file header is 32 bytes without padding");
 
 inline std::uint64_t fnv1a64(const void* data, std::size_t size) {
   std::uint64_t hash = 0xcbf29ce484222325ull;
@@ -140,7 +204,9 @@ inline std::uint64_t fnv1a64(const void* data, std::size_t size) {
 
 }  // namespace detail
 
-/// Writes every parameter of the policy to path. Throws std::runtime_error if it cannot.
+/// Writes every parameter of the policy to path, replacing any file there. The bytes go to
+/// path + ".tmp" first and are renamed over path only when complete, so an interrupted save never
+/// leaves a half-written checkpoint behind. Throws std::runtime_error naming the path if it cannot.
 template <learned_bias Policy>
 void save_parameters(const Policy& policy, const std::filesystem::path& path) {
   using S = typename Policy::scalar_type;
@@ -152,10 +218,19 @@ void save_parameters(const Policy& policy, const std::filesystem::path& path) {
   header.scalar_size = sizeof(S);
   header.count = std::uint64_t(p.size());
   header.checksum = detail::fnv1a64(p.data(), bytes);
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+
+  std::filesystem::path partial = path;
+  partial += ".tmp";
+  std::ofstream out(partial, std::ios::binary | std::ios::trunc);
   out.write(reinterpret_cast<const char*>(&header), sizeof header);
   out.write(reinterpret_cast<const char*>(p.data()), std::streamsize(bytes));
-  if (!out) throw std::runtime_error("relbias::save_parameters: cannot write " + path.string());
+  out.close();
+  std::error_code error;
+  if (out) std::filesystem::rename(partial, path, error);
+  if (!out || error) {
+    std::filesystem::remove(partial, error);
+    throw std::runtime_error("relbias::save_parameters: cannot write " + path.string());
+  }
 }
 
 /// Reads parameters written by save_parameters into the policy. A file for another parameter
@@ -183,7 +258,7 @@ void load_parameters(Policy& policy, const std::filesystem::path& path) {
     detail::damaged(path, "truncated payload");
   if (in.peek() != std::char_traits<char>::eof()) detail::damaged(path, "trailing bytes after the payload");
   if (detail::fnv1a64(values.data(), values.size() * sizeof(S)) != header.checksum)
-    detail::damaged(path, "checksum mismatch (damaged payload)");
+    detail::damaged(path, "checksum mismatch: the payload does not match the FNV-1a checksum in the header");
   policy.parameters() = Eigen::Map<const param_vector<S>>(values.data(), index_t(values.size()));
 }
 
