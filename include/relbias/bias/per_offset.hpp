@@ -1,27 +1,38 @@
 #pragma once
-// Shared learnable bias per offset: one scalar per clipped query-key offset, per head.
+// Shared learnable bias per offset: one learned scalar per clipped query-key offset, per head.
 // Sources: Xiao & Zhu, "Foundations of Large Language Models", ch. 2 ("Shared Learnable Bias per
-//   Offset": PE(i, j) = u_{i-j}); Shaw, Uszkoreit, Vaswani 2018 ("clipped to a maximum absolute
-//   value of k", clip(x, k) = max(-k, min(k, x))).
-// Our definition: delta = i - j (the textbook's sign; Shaw clips j - i, the mirror), clipped to K,
-// a scalar per head (T5-style per-head parameters; Shaw learns vectors shared across heads).
+//   Offset": PE(i, j) = u_{i-j}, one learnable scalar per offset i - j, no clipping);
+//   Shaw, Uszkoreit, Vaswani 2018, "Self-Attention with Relative Position Representations"
+//   ("the maximum relative position we consider is clipped to a maximum absolute value of k",
+//   clip(x, k) = max(-k, min(k, x)) applied to j - i).
+//
+// Our definition: delta = i - j (the textbook's sign; Shaw clips j - i, which mirrors the table
+// index), clipped to K so the table does not grow with the sequence, and one scalar per head
+// (T5-style per-head parameters; Shaw learns vectors added to keys and values, shared by heads).
+// Causal tables have no entries for future keys: they share entry 0 with delta = 0 and are masked.
+// Offsets go through offset.hpp's clipped_offset_index / clipped_offset_count, as in the kernels.
+// Neither source fixes an initialisation: the table starts at zero, reset_parameters draws normal
+// values (T5 would use std = d_model^-0.5).
 
 #include "relbias/concepts.hpp"
+#include "relbias/config.hpp"
 #include "relbias/detail/random.hpp"
 #include "relbias/offset.hpp"
 
 #include <Eigen/Core>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <stdexcept>
 #include <string>
 
 namespace relbias {
 
-/// Shared learnable bias per offset (Shaw et al., 2018 clipping; textbook u_{i-j}).
-///   bias(h, i, j) = table[h][clamp(i - j, -K, K) + K]   bidirectional, 2K + 1 entries per head
-///   bias(h, i, j) = table[h][clamp(i - j, 0, K)]        causal, K + 1 entries (future keys -> 0)
+/// Shared learnable bias per offset (Xiao & Zhu ch. 2, u_{i-j}; clipping from Shaw et al., 2018).
+///   bidirectional: bias(h, i, j) = table[h][clamp(i - j, -K, K) + K]   2K + 1 entries per head
+///   causal:        bias(h, i, j) = table[h][clamp(i - j,  0, K)]       K + 1 entries (future -> 0)
 /// Learned params: table [H][entries] | Cost: O(1) per (i, j) | Valid: H >= 1, K >= 0
 /// Example: relbias::per_offset<float> b{2, relbias::masking::causal, 4};  b(0, 9, 2) == b.table()(0, 4)
 template <std::floating_point Scalar>
@@ -35,40 +46,51 @@ class per_offset {
   /// Zero table; reset_parameters() draws normal values.
   per_offset(index_t num_heads, masking mode, index_t clip) : num_heads_(num_heads), clip_(clip), mode_(mode) {
     if (num_heads < 1)
-      throw std::invalid_argument("relbias::per_offset: num_heads must be >= 1, got " + std::to_string(num_heads));
-    if (clip < 0) throw std::invalid_argument("relbias::per_offset: clip must be >= 0, got " + std::to_string(clip));
+      throw std::invalid_argument("relbias::per_offset: num_heads must be >= 1, got num_heads=" + std::to_string(num_heads));
+    // 2K + 1 entries per head must fit in an index for every head.
+    if (clip < 0 || clip > (std::numeric_limits<index_t>::max() / num_heads - 1) / 2)
+      throw std::invalid_argument("relbias::per_offset: clip must be >= 0 and (2 * clip + 1) * num_heads must fit in an "
+                                  "index, got clip=" + std::to_string(clip) + ", num_heads=" + std::to_string(num_heads));
     table_ = param_vector<Scalar>::Zero(num_heads * entries());
   }
 
   index_t num_heads() const noexcept { return num_heads_; }
   index_t clip() const noexcept { return clip_; }
   masking mode() const noexcept { return mode_; }
+  /// Entries per head: 2K + 1 (bidirectional) or K + 1 (causal).
   index_t entries() const noexcept { return clipped_offset_count(mode_, clip_); }
 
-  Scalar at_offset(index_t h, index_t delta) const {
+  Scalar at_offset(index_t h, index_t delta) const noexcept {
+    RELBIAS_ASSERT(h >= 0 && h < num_heads_);
     return table_[h * entries() + clipped_offset_index(mode_, delta, clip_)];
   }
-  Scalar operator()(index_t h, index_t i, index_t j) const { return at_offset(h, relative_offset(i, j)); }
+  Scalar operator()(index_t h, index_t i, index_t j) const noexcept { return at_offset(h, relative_offset(i, j)); }
 
+  /// Every parameter, element (h, index) at h * entries() + index.
   Eigen::Map<param_vector<Scalar>> parameters() noexcept { return {table_.data(), table_.size()}; }
   Eigen::Map<const param_vector<Scalar>> parameters() const noexcept { return {table_.data(), table_.size()}; }
-  /// The table as (H, entries), over the same storage.
+  /// The same storage as an (H, entries) row-major matrix.
   Eigen::Map<table_matrix> table() noexcept { return {table_.data(), num_heads_, entries()}; }
   Eigen::Map<const table_matrix> table() const noexcept { return {table_.data(), num_heads_, entries()}; }
 
-  /// normal(0, std); neither source fixes an init (T5 uses std = d_model^-0.5).
+  /// normal(0, std) in parameters() order from detail::random_stream (same numbers on every
+  /// standard library).
   void reset_parameters(std::uint64_t seed, double std) {
-    if (!(std >= 0))
-      throw std::invalid_argument("relbias::per_offset::reset_parameters: std must be >= 0, got " + std::to_string(std));
+    if (!(std >= 0) || !std::isfinite(std))
+      throw std::invalid_argument("relbias::per_offset::reset_parameters: std must be finite and >= 0, got std=" +
+                                  std::to_string(std));
     detail::random_stream rng(seed);
     for (Scalar& value : table_) value = Scalar(rng.normal(0.0, std));
   }
 
-  /// grad[h][index(delta)] += d_bias(delta): clipped offsets share their entry.
+  /// d_bias[k] = dL/dbias summed over the cells with i - j == delta_lo + k (head h). Clipped
+  /// offsets share an entry, so their sums add up: grad[h][index(delta)] += d_bias[k].
   void accumulate_offset_gradient(index_t h, index_t delta_lo, std::span<const Scalar> d_bias,
                                   std::span<Scalar> grad) const {
+    RELBIAS_ASSERT(index_t(grad.size()) == table_.size() && h >= 0 && h < num_heads_);
+    const index_t row = h * entries();
     for (std::size_t k = 0; k < d_bias.size(); ++k)
-      grad[std::size_t(h * entries() + clipped_offset_index(mode_, delta_lo + index_t(k), clip_))] += d_bias[k];
+      grad[std::size_t(row + clipped_offset_index(mode_, delta_lo + index_t(k), clip_))] += d_bias[k];
   }
 
  private:
@@ -77,6 +99,8 @@ class per_offset {
   param_vector<Scalar> table_;  // [H][entries]
 };
 
+static_assert(shift_invariant_bias<per_offset<float>> && shift_invariant_bias<per_offset<double>>);
+static_assert(learned_bias<per_offset<float>> && learned_bias<per_offset<double>>);
 static_assert(offset_differentiable_bias<per_offset<float>> && offset_differentiable_bias<per_offset<double>>);
 
 }  // namespace relbias

@@ -84,17 +84,22 @@ class fire_plan {
   }
 
  private:
+  /// The MLP of head h for up to fire_chunk keys: blocks of 16 keys outer, hidden units inner,
+  /// so the 16 outputs stay in one vector register while the weights are broadcast.
   void add_chunk(index_t h, index_t i, index_t j0, index_t n, S normaliser, S* row) const {
-    S x[fire_chunk], out[fire_chunk];
-    fire_inputs(tables_.psi, i, j0, n, normaliser, x);
-    std::fill(out, out + n, fire_.b2()[h]);
-    const auto w1 = fire_.W1(), b1 = fire_.b1();
-    const auto w2 = fire_.W2();
-    for (index_t k = 0; k < w1.size(); ++k) {  // hidden units outer, keys inner: vectorises
-      const S w1k = w1[k], b1k = b1[k], w2hk = w2(h, k);
-      for (index_t c = 0; c < n; ++c) out[c] += w2hk * std::max(w1k * x[c] + b1k, S(0));
+    constexpr index_t block = 16;
+    const S* w1 = fire_.W1().data();
+    const S* b1 = fire_.b1().data();
+    const S* w2 = fire_.W2().data() + h * fire_.width();
+    for (index_t c0 = 0; c0 < n; c0 += block) {
+      S x[block] = {}, out[block];
+      const index_t m = std::min(block, n - c0);
+      fire_inputs(tables_.psi, i, j0 + c0, m, normaliser, x);
+      std::fill(out, out + block, fire_.b2()[h]);
+      for (index_t k = 0; k < fire_.width(); ++k)
+        for (index_t l = 0; l < block; ++l) out[l] += w2[k] * std::max(w1[k] * x[l] + b1[k], S(0));
+      for (index_t l = 0; l < m; ++l) row[c0 + l] += out[l];
     }
-    for (index_t c = 0; c < n; ++c) row[c] += out[c];
   }
 
   const Fire& fire_;
