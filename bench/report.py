@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-NAME = re.compile(r"^(?P<pass>\w+)/(?P<policy>[\w/]+?)/(?P<args>.*?)(/min_time:[\d.]+)?/real_time$")
+NAME = re.compile(r"^(?P<pass>\w+)/(?P<policy>[\w/]+?)/(?P<args>\w+:.*?)(/min_time:[\d.]+)?/real_time$")
 
 
 def load(path):

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 namespace relbias_test {
 
@@ -34,6 +35,18 @@ double max_relative_error(relbias::tensor_view<const S> a, relbias::tensor_view<
           worst = std::max(worst, std::abs(x - y) / std::max(std::abs(y), 1.0));
         }
   return worst;
+}
+
+/// The same logical tensor copied into [batch, heads, seq, dim] memory (view it with bhsd()).
+template <class S>
+std::vector<S> to_bhsd(const relbias::tensor<S>& t) {
+  const auto v = t.view();
+  std::vector<S> out(std::size_t(t.size()));
+  const auto w = relbias::bhsd(out.data(), v.batch, v.heads, v.seq, v.dim);
+  for (index_t b = 0; b < v.batch; ++b)
+    for (index_t s = 0; s < v.seq; ++s)
+      for (index_t h = 0; h < v.heads; ++h) std::copy(v.row(b, s, h), v.row(b, s, h) + v.dim, w.row(b, s, h));
+  return out;
 }
 
 }  // namespace relbias_test

@@ -14,6 +14,7 @@
 using namespace relbias;
 using relbias_test::max_relative_error;
 using relbias_test::random_tensor;
+using relbias_test::to_bhsd;
 
 namespace {
 
@@ -138,16 +139,6 @@ TEMPLATE_TEST_CASE("attention: strided [batch, heads, seq, dim] input matches co
   using S = TestType;
   const index_t B = 2, L = 37, H = 3, D = 16;
   const auto q = random_tensor<S>(B, L, H, D, 7), k = random_tensor<S>(B, L, H, D, 8), v = random_tensor<S>(B, L, H, D, 9);
-  // Copy into [B, H, L, D] storage and view it through bhsd().
-  auto to_bhsd = [&](const tensor<S>& t) {
-    std::vector<S> out(std::size_t(t.size()));
-    auto view = bhsd(out.data(), B, H, L, D);
-    for (index_t b = 0; b < B; ++b)
-      for (index_t s = 0; s < L; ++s)
-        for (index_t h = 0; h < H; ++h)
-          for (index_t d = 0; d < D; ++d) view.row(b, s, h)[d] = t(b, s, h, d);
-    return out;
-  };
   auto qs = to_bhsd(q), ks = to_bhsd(k), vs = to_bhsd(v);
   std::vector<S> os(std::size_t(q.size()));
   const attention_options<S> options{.mask = masking::causal};

@@ -171,6 +171,26 @@ TEMPLATE_TEST_CASE("attention_backward: every learned policy matches the referen
   }
 }
 
+TEMPLATE_TEST_CASE("attention_backward: FIRE past L, long rows where hidden units switch", "[backward]", float, double) {
+  using S = TestType;
+  // L = 16, rows 250 .. 289 all past it, 300 keys: every row crosses several kinks of the default
+  // width-32 MLP, on both sides of the diagonal (the segmented backward's cuts).
+  const fire<S> bias{2, 9, fire_config{.init_L = 16}};
+  index_t kinks_inside = 0;
+  for (index_t k = 0; k < bias.width(); ++k) {
+    const double kink = -double(bias.b1()[k]) / double(bias.W1()[k]);
+    kinks_inside += kink > 0.05 && kink < 0.95;
+  }
+  REQUIRE(kinks_inside >= 3);
+  const shape c{.batch = 1, .lq = 40, .lk = 300, .hq = 2, .hk = 1, .dim = 8, .dim_v = 8};
+  for (masking mask : {masking::bidirectional, masking::causal}) {
+    INFO("mask=" << int(mask));
+    const attention_options<S> options{.mask = mask, .q_start = 250};
+    CHECK(fused_vs_reference(bias, c, options) < tolerance<S>());
+    CHECK(fused_vs_reference(bias, c, options, {.rows = 8, .cols = 32}) < tolerance<S>());
+  }
+}
+
 TEST_CASE("attention_backward: gradients are bit-identical run to run, and dq/dk/dv across thread counts",
           "[backward]") {
   const shape c{.batch = 2, .lq = 37, .lk = 41, .hq = 4, .hk = 2, .dim = 16, .dim_v = 16};

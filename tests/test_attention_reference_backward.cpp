@@ -23,6 +23,7 @@
 
 using namespace relbias;
 using relbias_test::random_tensor;
+using relbias_test::to_bhsd;
 
 namespace {
 
@@ -343,17 +344,6 @@ TEST_CASE("reference backward: GQA dk, dv sum the group's query heads", "[refere
 }
 
 namespace {
-
-/// The same logical tensor in [batch, heads, seq, dim] memory, and back.
-std::vector<double> to_bhsd(const tensor<double>& t) {
-  const auto v = t.view();
-  std::vector<double> out(std::size_t(t.size()));
-  const auto w = bhsd(out.data(), v.batch, v.heads, v.seq, v.dim);
-  for (index_t b = 0; b < v.batch; ++b)
-    for (index_t s = 0; s < v.seq; ++s)
-      for (index_t h = 0; h < v.heads; ++h) std::copy(v.row(b, s, h), v.row(b, s, h) + v.dim, w.row(b, s, h));
-  return out;
-}
 
 double max_difference(tensor_view<const double> a, const tensor<double>& b) {
   double worst = 0;

@@ -1,4 +1,5 @@
 #include "catch.hpp"
+#include "../gradient_check.hpp"
 
 #include <relbias/bias/fire.hpp>
 #include <relbias/detail/random.hpp>
@@ -11,6 +12,7 @@
 #include <vector>
 
 using namespace relbias;
+using namespace relbias_test;
 
 static_assert(cell_differentiable_bias<fire<float>> && cell_differentiable_bias<fire<double>>);
 static_assert(learned_bias<fire<double>> && !shift_invariant_bias<fire<float>>);
@@ -75,22 +77,6 @@ void check_golden(const fire<S>& f, const golden_cell (&cells)[N], double relati
   }
 }
 
-// dL/dtheta by the 5-point central difference (error O(step^4)) on a copy of the policy.
-template <class Loss>
-param_vector<double> numeric_gradient(fire<double> f, Loss loss, double relative_step) {
-  param_vector<double> gradient(f.parameters().size());
-  for (index_t k = 0; k < gradient.size(); ++k) {
-    const double t = f.parameters()[k], step = relative_step * std::max(1.0, std::abs(t));
-    auto at = [&](double v) {
-      f.parameters()[k] = v;
-      return loss(f);
-    };
-    gradient[k] = (-at(t + 2 * step) + 8 * at(t + step) - 8 * at(t - step) + at(t - 2 * step)) / (12 * step);
-    f.parameters()[k] = t;
-  }
-  return gradient;
-}
-
 struct weighted_cell {
   index_t h, i, j;
   double w;
@@ -130,16 +116,6 @@ struct cell_loss {
     return grad;
   }
 };
-
-void check_gradients_match(const param_vector<double>& analytic, const param_vector<double>& numeric) {
-  REQUIRE(analytic.size() == numeric.size());
-  for (index_t k = 0; k < analytic.size(); ++k) {
-    INFO("parameter " << k << ": analytic " << analytic[k] << ", numeric " << numeric[k]);
-    CHECK(std::abs(analytic[k] - numeric[k]) <= 1e-7 * std::max(std::abs(analytic[k]), 1e-2));
-  }
-}
-
-std::span<double> as_span(param_vector<double>& v) { return {v.data(), std::size_t(v.size())}; }
 
 }  // namespace
 
@@ -376,4 +352,45 @@ TEST_CASE("fire: float gradients agree with double", "[fire][gradient]") {
         ff.accumulate_gradient(h, i, j, 0.5f, std::span<float>(gf.data(), std::size_t(gf.size())));
       }
   for (index_t k = 0; k < gd.size(); ++k) CHECK(double(gf[k]) == Approx(gd[k]).epsilon(1e-4).margin(1e-4));
+}
+
+TEST_CASE("fire: the piecewise-linear MLP of the fused kernels equals the unit-by-unit MLP", "[fire]") {
+  // Random weights, plus units the pieces must handle apart: W1 = 0 (constant, active or not),
+  // two units with the same kink, and a kink at x = 0 (b1 = 0), where the diagonal key sits.
+  fire<double> f{3, 11, fire_config{.width = 12}};
+  f.W1()[0] = 0, f.b1()[0] = 0.5;
+  f.W1()[1] = 0, f.b1()[1] = -0.5;
+  f.W1()[2] = 2, f.b1()[2] = -1;
+  f.W1()[3] = -4, f.b1()[3] = 2;  // kink 0.5, like unit 2, from the other side
+  f.b1()[4] = 0;
+  const detail::fire_pieces<double> pieces{f};
+  std::vector<double> x;
+  for (double v = -3; v <= 3; v += 1.0 / 64) x.push_back(v);  // exact grid: includes 0 and 0.5
+  for (index_t k = 0; k < f.width(); ++k)
+    if (f.W1()[k] != 0) x.push_back(-f.b1()[k] / f.W1()[k]);  // every kink
+  x.insert(x.end(), {-1e30, 1e30});
+  std::sort(x.begin(), x.end());
+  for (index_t h = 0; h < 3; ++h) {
+    std::vector<double> up(x.size(), 0.0), down(x.size(), 0.0);
+    pieces.add_monotone(h, x.data(), index_t(x.size()), up.data());
+    std::vector<double> reversed(x.rbegin(), x.rend());
+    pieces.add_monotone(h, reversed.data(), index_t(x.size()), down.data());
+    for (std::size_t n = 0; n < x.size(); ++n) {
+      INFO("h=" << h << " x=" << x[n]);
+      const double expected = f.mlp(h, x[n]);
+      CHECK(up[n] == Approx(expected).epsilon(1e-12).margin(1e-12));
+      CHECK(down[x.size() - 1 - n] == Approx(expected).epsilon(1e-12).margin(1e-12));
+    }
+  }
+
+  // float: within a few ulps of the float MLP over the range attention uses (x in [0, 1]).
+  const fire<float> g{8, 3};
+  const detail::fire_pieces<float> float_pieces{g};
+  std::vector<float> xf;
+  for (int n = 0; n <= 1000; ++n) xf.push_back(float(n) / 1000);
+  for (index_t h = 0; h < 8; ++h) {
+    std::vector<float> out(xf.size(), 0.0f);
+    float_pieces.add_monotone(h, xf.data(), index_t(xf.size()), out.data());
+    for (std::size_t n = 0; n < xf.size(); ++n) CHECK(out[n] == Approx(g.mlp(h, xf[n])).epsilon(1e-5).margin(1e-6));
+  }
 }

@@ -1,4 +1,5 @@
 #include "catch.hpp"
+#include "../gradient_check.hpp"
 
 #include <relbias/bias/kerple.hpp>
 #include <relbias/detail/random.hpp>
@@ -11,6 +12,7 @@
 #include <vector>
 
 using namespace relbias;
+using namespace relbias_test;
 
 static_assert(offset_differentiable_bias<kerple_power<float>> && offset_differentiable_bias<kerple_log<double>>);
 static_assert(kerple_power<float>::is_learned && kerple_log<double>::is_shift_invariant);
@@ -60,23 +62,6 @@ void check_golden(const golden_head (&heads)[2], double relative) {
     }
 }
 
-// dL/dtheta by the 5-point central difference (error O(step^4)) on a copy of the policy.
-template <class Policy, class Loss>
-param_vector<double> numeric_gradient(Policy policy, Loss loss) {
-  auto theta = policy.parameters();
-  param_vector<double> gradient(theta.size());
-  for (index_t k = 0; k < theta.size(); ++k) {
-    const double t = theta[k], step = 1e-4 * std::max(1.0, std::abs(t));
-    auto at = [&](double v) {
-      policy.parameters()[k] = v;
-      return loss(policy);
-    };
-    gradient[k] = (-at(t + 2 * step) + 8 * at(t + step) - 8 * at(t - step) + at(t - 2 * step)) / (12 * step);
-    policy.parameters()[k] = t;
-  }
-  return gradient;
-}
-
 // Loss = sum_h sum_k w[h][k] * bias(h, delta_lo + k), with fixed pseudo-random weights.
 struct offset_loss {
   index_t delta_lo;
@@ -104,14 +89,6 @@ struct offset_loss {
     return grad;
   }
 };
-
-void check_gradients_match(const param_vector<double>& analytic, const param_vector<double>& numeric) {
-  REQUIRE(analytic.size() == numeric.size());
-  for (index_t k = 0; k < analytic.size(); ++k) {
-    INFO("parameter " << k << ": analytic " << analytic[k] << ", numeric " << numeric[k]);
-    CHECK(std::abs(analytic[k] - numeric[k]) <= 1e-7 * std::max(std::abs(analytic[k]), 1e-2));
-  }
-}
 
 }  // namespace
 

@@ -1,4 +1,5 @@
 #include "catch.hpp"
+#include "../gradient_check.hpp"
 
 #include <relbias/bias/per_offset.hpp>
 
@@ -7,15 +8,11 @@
 #include <vector>
 
 using namespace relbias;
+using namespace relbias_test;
 
 static_assert(offset_differentiable_bias<per_offset<float>> && offset_differentiable_bias<per_offset<double>>);
 
 namespace {
-template <class Scalar>
-std::span<Scalar> as_span(param_vector<Scalar>& v) {
-  return {v.data(), std::size_t(v.size())};
-}
-
 // Fill entry (h, index) with 100 h + index, so every read names the entry it came from.
 template <class Scalar>
 void label_entries(per_offset<Scalar>& bias) {

@@ -1,4 +1,5 @@
 #include "catch.hpp"
+#include "../gradient_check.hpp"
 
 #include <relbias/bias/t5.hpp>
 
@@ -10,6 +11,7 @@
 #include <vector>
 
 using namespace relbias;
+using namespace relbias_test;
 
 static_assert(offset_differentiable_bias<t5<float>> && offset_differentiable_bias<t5<double>>);
 static_assert(t5<float>::is_learned && t5<double>::is_shift_invariant);
@@ -23,11 +25,6 @@ void check_buckets(bool bidirectional, index_t num_buckets, index_t max_distance
                           << " relative_position=" << rp);
     CHECK(t5_relative_position_bucket(rp, bidirectional, num_buckets, max_distance) == bucket);
   }
-}
-
-template <class Scalar>
-std::span<Scalar> as_span(param_vector<Scalar>& v) {
-  return {v.data(), std::size_t(v.size())};
 }
 }  // namespace
 

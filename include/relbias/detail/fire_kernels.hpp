@@ -6,10 +6,10 @@
 //  * Rows with i < L share the normaliser psi(L) + eps, so there the bias is a function of the
 //    distance alone: the MLP runs once per distance for all heads at once, into an offset table,
 //    and the backward sums dS per (head, distance) before one MLP backward per distance.
-//  * Rows with i > L have their own normaliser: the MLP (Linear(1, W) -> ReLU -> Linear(W, H))
-//    runs per element, one head at a time, vectorised over a chunk of keys with the hidden
-//    units in the outer loop. The input gradient of a row needs only two sums over its keys,
-//    since dx/dc splits into a distance part and a row part.
+//  * Rows with i > L have their own normaliser. The forward evaluates the MLP (Linear(1, W) ->
+//    ReLU -> Linear(W, H)) as the piecewise-linear function it is (fire_pieces): one
+//    multiply-add per key. The backward cuts each run of keys where units switch and sums
+//    dS, dS x, dS psi and dS psi' per segment (fire_gradient_accumulator::add_row_above).
 //  * A row with i == L exactly (torch.max's tie, gradient split 1/2 : 1/2) goes through the
 //    policy's per-cell gradient, which implements that convention.
 
@@ -54,6 +54,76 @@ bool below_threshold(const Fire& fire, index_t i) {
   return typename Fire::scalar_type(i) < fire.threshold();
 }
 
+/// FIRE's MLP, W2 ReLU(W1 x + b1) + b2 of a scalar x, is piecewise linear: between consecutive
+/// kinks t_k = -b1[k] / W1[k] the set of active units is fixed, so on piece p
+///   MLP(x)[h] = intercept[h][p] + slope[h][p] x,
+/// the coefficients summed in double over the active units. Rows past L then cost one
+/// multiply-add per key instead of `width` units. The values differ from the unit-by-unit sum
+/// by rounding only: the MLP is continuous at every kink, so an x rounded to the wrong side of
+/// one is still evaluated on a line through the same point.
+template <class S>
+class fire_pieces {
+ public:
+  template <class Fire>
+  explicit fire_pieces(const Fire& fire) : heads_(fire.num_heads()) {
+    const auto w1 = fire.W1(), b1 = fire.b1();
+    for (index_t k = 0; k < fire.width(); ++k) {
+      const S kink = -b1[k] / w1[k];
+      if (w1[k] != S(0) && std::isfinite(kink)) kinks_.push_back(kink);  // else constant on finite x
+    }
+    std::sort(kinks_.begin(), kinks_.end());
+    const index_t pieces = index_t(kinks_.size()) + 1;
+    intercept_.resize(std::size_t(heads_ * pieces));
+    slope_.resize(std::size_t(heads_ * pieces));
+    for (index_t p = 0; p < pieces; ++p) {
+      const double x = inside(p);
+      for (index_t h = 0; h < heads_; ++h) {
+        double a = double(fire.b2()[h]), s = 0;
+        for (index_t k = 0; k < fire.width(); ++k)
+          if (double(w1[k]) * x + double(b1[k]) > 0) {  // the unit is active on the whole piece
+            a += double(fire.W2()(h, k)) * double(b1[k]);
+            s += double(fire.W2()(h, k)) * double(w1[k]);
+          }
+        intercept_[std::size_t(h * pieces + p)] = S(a);
+        slope_[std::size_t(h * pieces + p)] = S(s);
+      }
+    }
+  }
+
+  /// row[c] += MLP(x[c])[h] for c in [0, n), x monotone (either way): the keys of one piece are
+  /// then contiguous, found by bisection.
+  void add_monotone(index_t h, const S* x, index_t n, S* row) const {
+    const index_t pieces = index_t(kinks_.size()) + 1;
+    for (index_t c = 0; c < n;) {
+      const index_t p = piece_of(x[c]);
+      const S* end = std::partition_point(x + c, x + n, [&](S v) { return contains(p, v); });
+      const index_t stop = std::max(c + 1, index_t(end - x));  // c + 1: a NaN input cannot stall
+      const S a = intercept_[std::size_t(h * pieces + p)], s = slope_[std::size_t(h * pieces + p)];
+      for (index_t k = c; k < stop; ++k) row[k] += a + s * x[k];
+      c = stop;
+    }
+  }
+
+ private:
+  /// Piece p holds the x with exactly p kinks at or below them: [kinks[p - 1], kinks[p]).
+  index_t piece_of(S x) const { return index_t(std::upper_bound(kinks_.begin(), kinks_.end(), x) - kinks_.begin()); }
+  bool contains(index_t p, S x) const {
+    return (p == 0 || x >= kinks_[std::size_t(p - 1)]) && (p == index_t(kinks_.size()) || x < kinks_[std::size_t(p)]);
+  }
+  /// A point strictly inside piece p (in double, so between two adjacent floats too).
+  double inside(index_t p) const {
+    const index_t last = index_t(kinks_.size());
+    if (last == 0) return 0;
+    if (p == 0) return double(kinks_.front()) - std::max(1.0, std::abs(double(kinks_.front())));
+    if (p == last) return double(kinks_.back()) + std::max(1.0, std::abs(double(kinks_.back())));
+    return 0.5 * (double(kinks_[std::size_t(p - 1)]) + double(kinks_[std::size_t(p)]));
+  }
+
+  index_t heads_;
+  std::vector<S> kinks_;              // sorted
+  std::vector<S> intercept_, slope_;  // (H, pieces)
+};
+
 template <class Fire>
 class fire_plan {
  public:
@@ -61,7 +131,7 @@ class fire_plan {
   using S = scalar_type;
 
   fire_plan(const Fire& fire, const position_window& window)
-      : fire_(fire), tables_(fire, window.max_distance()), below_(fire.num_heads(), window) {
+      : fire_(fire), tables_(fire, window.max_distance()), below_(fire.num_heads(), window), pieces_(fire) {
     if (!below_threshold(fire, window.q_start)) return;  // no row uses the shared normaliser
     const S normaliser = fire.normalizer(window.q_start);
     std::vector<S> by_distance(std::size_t((window.max_distance() + 1) * fire.num_heads()));  // (D + 1, H)
@@ -84,27 +154,20 @@ class fire_plan {
   }
 
  private:
-  /// The MLP of head h for up to fire_chunk keys: blocks of 16 keys outer, hidden units inner,
-  /// so the 16 outputs stay in one vector register while the weights are broadcast.
+  /// Rows past L, one chunk of keys: the inputs, split at the diagonal into the keys up to the
+  /// query (x non-increasing in j) and the keys after it (x non-decreasing).
   void add_chunk(index_t h, index_t i, index_t j0, index_t n, S normaliser, S* row) const {
-    constexpr index_t block = 16;
-    const S* w1 = fire_.W1().data();
-    const S* b1 = fire_.b1().data();
-    const S* w2 = fire_.W2().data() + h * fire_.width();
-    for (index_t c0 = 0; c0 < n; c0 += block) {
-      S x[block] = {}, out[block];
-      const index_t m = std::min(block, n - c0);
-      fire_inputs(tables_.psi, i, j0 + c0, m, normaliser, x);
-      std::fill(out, out + block, fire_.b2()[h]);
-      for (index_t k = 0; k < fire_.width(); ++k)
-        for (index_t l = 0; l < block; ++l) out[l] += w2[k] * std::max(w1[k] * x[l] + b1[k], S(0));
-      for (index_t l = 0; l < m; ++l) row[c0 + l] += out[l];
-    }
+    S x[fire_chunk];
+    fire_inputs(tables_.psi, i, j0, n, normaliser, x);
+    const index_t split = std::clamp(i + 1 - j0, index_t(0), n);
+    pieces_.add_monotone(h, x, split, row);
+    pieces_.add_monotone(h, x + split, n - split, row + split);
   }
 
   const Fire& fire_;
   fire_distance_tables<Fire> tables_;
   offset_table<S> below_;  // (H, offsets): the bias of rows with i < L
+  fire_pieces<S> pieces_;  // the MLP of rows past L
 };
 
 template <class Fire>
@@ -147,63 +210,75 @@ class fire_gradient_accumulator {
   }
 
  private:
-  /// Rows with i > L: the MLP backward per element. Keys outer, hidden units inner in blocks of
-  /// 16: every running sum is then a per-hidden-unit vector the compiler keeps in registers
-  /// (5 sums x 16 lanes), with no horizontal reduction to serialise on. The input gradient of
-  /// the row needs sum_c dx_c psi'(d_c) and sum_c dx_c psi(d_c); as dx_c = sum_k dz_kc W1_k,
-  /// both are kept per hidden unit too. dx/dc = psi'(d)/den - psi(d) psi'(N)/den^2 with N = i
-  /// (the normaliser does not depend on L there). ReLU'(0) = 0 as in PyTorch.
+  /// Rows with i > L. Along a run of keys on one side of the diagonal x is monotone, and so is
+  /// every unit's pre-activation z = W1 x + b1: a unit switches on or off at most once per run.
+  /// Cutting the run where units switch leaves segments with a fixed set of active units, over
+  /// which the MLP is linear in x, and the exact per-element backward sums to
+  ///   dW2[h][k] += W1[k] sum(g x) + b1[k] sum(g),  dW1[k] += W2[h][k] sum(g x),
+  ///   db1[k] += W2[h][k] sum(g),  db2[h] += sum(g)              (k active; ReLU'(0) = 0)
+  /// and, with dx = g * slope (slope = sum of W2[h][k] W1[k] over the active k), the input
+  /// gradient of the row needs sum(dx psi'(d)) and sum(dx psi(d)) only: dx/dc = psi'(d)/den -
+  /// psi(d) psi'(N)/den^2 with N = i (the normaliser does not depend on L there).
   void add_row_above(index_t h, index_t i, index_t j0, index_t n, const S* ds) {
     const S normaliser = fire_.normalizer(i);
-    S dx_dpsi = 0, dx_psi = 0, g_sum = 0;
-    for (index_t c = 0; c < n; ++c) g_sum += ds[c];
-    for (index_t k0 = 0; k0 < fire_.width(); k0 += hidden_block) {
-      const hidden_sums sums = mlp_backward_block(h, k0, i, j0, n, ds, normaliser);
-      for (index_t l = 0; l < hidden_block; ++l) {
-        dx_dpsi += sums.w1[l] * sums.dz_dpsi[l];
-        dx_psi += sums.w1[l] * sums.dz_psi[l];
-      }
+    input_sums row;
+    for (index_t c0 = 0; c0 < n; c0 += fire_chunk) {
+      const index_t m = std::min(fire_chunk, n - c0);
+      S x[fire_chunk];
+      fire_inputs(tables_.psi, i, j0 + c0, m, normaliser, x);
+      const index_t split = std::clamp(i + 1 - (j0 + c0), index_t(0), m);  // keys up to the query, then after
+      add_monotone(h, i, j0 + c0, x, ds + c0, split, row);
+      add_monotone(h, i, j0 + c0 + split, x + split, ds + c0 + split, m - split, row);
     }
-    grad_[fire_.b2_index() + h] += g_sum;
-    grad_[fire_.c_index()] += dx_dpsi / normaliser - dx_psi * fire_.log_distance_derivative_real(S(i)) / (normaliser * normaliser);
+    grad_[fire_.c_index()] += row.dx_dpsi / normaliser -
+                              row.dx_psi * fire_.log_distance_derivative_real(S(i)) / (normaliser * normaliser);
   }
 
-  static constexpr index_t hidden_block = 16;
-  struct hidden_sums {
-    S w1[hidden_block] = {}, dz_dpsi[hidden_block] = {}, dz_psi[hidden_block] = {};
+  struct input_sums {
+    S dx_dpsi = 0, dx_psi = 0;
   };
 
-  /// Hidden units [k0, k0 + 16) of head h over one row; units past the width are zero weights,
-  /// whose z = 0 is inactive. Adds the W1, b1, W2 gradients and returns the row's input sums.
-  hidden_sums mlp_backward_block(index_t h, index_t k0, index_t i, index_t j0, index_t n, const S* ds, S normaliser) {
-    const index_t m = std::min(hidden_block, fire_.width() - k0);
-    hidden_sums out;
-    S b1[hidden_block] = {}, w2[hidden_block] = {};
-    S g_a[hidden_block] = {}, dz_sum[hidden_block] = {}, dz_x[hidden_block] = {};
-    std::copy_n(fire_.W1().data() + k0, m, out.w1);
-    std::copy_n(fire_.b1().data() + k0, m, b1);
-    std::copy_n(fire_.W2().data() + h * fire_.width() + k0, m, w2);
+  /// Unit k's activity at input x, as the per-element backward decides it.
+  bool active(index_t k, S x) const { return fire_.W1()[k] * x + fire_.b1()[k] > S(0); }
+
+  /// Keys [j0, j0 + n) with inputs x monotone: cut where units switch, then one segment at a time.
+  void add_monotone(index_t h, index_t i, index_t j0, const S* x, const S* ds, index_t n, input_sums& row) {
+    if (n == 0) return;
+    cuts_.assign({0, n});
+    for (index_t k = 0; k < fire_.width(); ++k) {
+      const bool first = active(k, x[0]);
+      if (first != active(k, x[n - 1]))
+        cuts_.push_back(index_t(std::partition_point(x, x + n, [&](S v) { return active(k, v) == first; }) - x));
+    }
+    std::sort(cuts_.begin(), cuts_.end());
+    for (std::size_t q = 0; q + 1 < cuts_.size(); ++q)
+      if (cuts_[q] < cuts_[q + 1]) add_segment(h, i, j0 + cuts_[q], x + cuts_[q], ds + cuts_[q], cuts_[q + 1] - cuts_[q], row);
+  }
+
+  /// Keys with one set of active units (those active at x[0]).
+  void add_segment(index_t h, index_t i, index_t j0, const S* x, const S* ds, index_t n, input_sums& row) {
+    S g = 0, gx = 0, g_dpsi = 0, g_psi = 0;
     for (index_t c = 0; c < n; ++c) {
-      const S g = ds[c];
-      if (g == S(0)) continue;  // hidden keys
       const std::size_t d = std::size_t(distance(i, j0 + c));
-      const S psi = tables_.psi[d], dpsi = tables_.d_psi_dc[d], x = psi / normaliser;
-      for (index_t l = 0; l < hidden_block; ++l) {  // branch-free, so it vectorises
-        const S z = out.w1[l] * x + b1[l];
-        const S dz = g * w2[l] * S(z > S(0));
-        g_a[l] += g * std::max(z, S(0));
-        dz_sum[l] += dz;
-        dz_x[l] += dz * x;
-        out.dz_dpsi[l] += dz * dpsi;
-        out.dz_psi[l] += dz * psi;
-      }
+      g += ds[c];
+      gx += ds[c] * x[c];
+      g_dpsi += ds[c] * tables_.d_psi_dc[d];
+      g_psi += ds[c] * tables_.psi[d];
     }
-    for (index_t l = 0; l < m; ++l) {
-      grad_[fire_.W2_index() + h * fire_.width() + k0 + l] += g_a[l];
-      grad_[fire_.b1_index() + k0 + l] += dz_sum[l];
-      grad_[fire_.W1_index() + k0 + l] += dz_x[l];
+    const S* w1 = fire_.W1().data();
+    const S* b1 = fire_.b1().data();
+    const S* w2 = fire_.W2().data() + h * fire_.width();
+    S slope = 0;
+    for (index_t k = 0; k < fire_.width(); ++k) {
+      if (!active(k, x[0])) continue;
+      grad_[fire_.W2_index() + h * fire_.width() + k] += w1[k] * gx + b1[k] * g;
+      grad_[fire_.W1_index() + k] += w2[k] * gx;
+      grad_[fire_.b1_index() + k] += w2[k] * g;
+      slope += w2[k] * w1[k];
     }
-    return out;
+    grad_[fire_.b2_index() + h] += g;
+    row.dx_dpsi += slope * g_dpsi;
+    row.dx_psi += slope * g_psi;
   }
 
   const Fire& fire_;
@@ -211,6 +286,7 @@ class fire_gradient_accumulator {
   fire_distance_tables<Fire> tables_;
   std::vector<S> below_;  // (H, D + 1): dS summed by distance over rows with i < L
   param_vector<S> grad_;
+  std::vector<index_t> cuts_;  // add_monotone's segment bounds, kept to reuse the allocation
 };
 
 }  // namespace relbias::detail
