@@ -276,3 +276,26 @@ TEST_CASE("kerple: float gradients agree with double", "[kerple][gradient]") {
   }
   for (std::size_t k = 0; k < 8; ++k) CHECK(double(gf[k]) == Approx(gd[k]).epsilon(1e-4).margin(1e-4));
 }
+
+TEMPLATE_TEST_CASE("kerple: fill_offsets tabulates at_offset over a window", "[kerple]", float, double) {
+  using S = TestType;
+  const double ulps = std::is_same_v<S, float> ? 8 * FLT_EPSILON : 8 * DBL_EPSILON;
+  const index_t max_offset = 37, count = 40 + 70000;  // offsets 37 down to -70002, through 0
+  std::vector<S> table(static_cast<std::size_t>(count));
+  // Packet log1p, float pow through double exp(r2 log d): within a few ulps of at_offset.
+  auto check = [&](const auto& policy) {
+    for (index_t h = 0; h < policy.num_heads(); ++h) {
+      INFO("head " << h);
+      policy.fill_offsets(h, max_offset, table);
+      double worst = 0;
+      for (index_t t = 0; t < count; ++t) {
+        const double expected = policy.at_offset(h, max_offset - t);
+        worst = std::max(worst, std::abs(table[std::size_t(t)] - expected) / std::max(std::abs(expected), 1e-300));
+      }
+      CHECK(worst <= ulps);
+      CHECK(table[std::size_t(max_offset)] == 0);  // offset 0
+    }
+  };
+  check(kerple_power<S>{4, 5});
+  check(kerple_log<S>{4, 6});
+}

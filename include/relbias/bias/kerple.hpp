@@ -17,6 +17,8 @@
 #include "relbias/concepts.hpp"
 #include "relbias/detail/random.hpp"
 
+#include <Eigen/Core>
+
 #include <algorithm>
 #include <charconv>
 #include <cmath>
@@ -25,6 +27,7 @@
 #include <span>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace relbias {
 
@@ -47,6 +50,18 @@ struct kerple_power_kernel {
 
   template <class S>
   static S value(S r1, S r2, S d) { return -r1 * std::pow(d, r2); }
+  // In place over an array of distances. float: exp(r2 log d) in double packets, whose error
+  // (|r2 log d| double ulps) is far below a float ulp; double keeps the scalar pow.
+  template <class S>
+  static void values(S r1, S r2, Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> d) {
+    if constexpr (std::is_same_v<S, float>) {
+      Eigen::ArrayXd wide = d.template cast<double>();
+      wide = -double(r1) * (double(r2) * wide.log()).exp();  // log 0 = -inf: 0^r2 = 0
+      d = wide.template cast<float>();  // a separate pass: inside one expression the cast kept log and exp scalar
+    } else {
+      d = d.unaryExpr([=](S x) { return value(r1, r2, x); });
+    }
+  }
 
   // db/dr1 = -d^r2, db/dr2 = -r1 d^r2 ln d; at d = 0 PyTorch's pow backward gives 0 for the
   // exponent (d^r2 = 0 there), so ln 0 is never evaluated.
@@ -69,6 +84,11 @@ struct kerple_log_kernel {
   // log1p: the reference's log(1 + a d) without the cancellation for small a d.
   template <class S>
   static S value(S r1, S r2, S d) { return -r1 * std::log1p(r2 * d); }
+  // In place over an array of distances: Eigen's log1p runs in packets (a few ulps from log1p).
+  template <class S>
+  static void values(S r1, S r2, Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> d) {
+    d = -r1 * (r2 * d).log1p();
+  }
 
   // db/dr1 = -ln(1 + r2 d), db/dr2 = -r1 d / (1 + r2 d).
   template <class S>
@@ -119,6 +139,14 @@ class kerple_policy {
     return Kernel::value(r1()[h], r2()[h], Scalar(distance(delta, 0)));
   }
   Scalar operator()(index_t h, index_t i, index_t j) const { return at_offset(h, relative_offset(i, j)); }
+
+  /// out[t] = at_offset(h, max_offset - t) up to a few ulps: the fused kernels' offset table in
+  /// one array pass (a decoding step tabulates Lk offsets per head, one logarithm each).
+  void fill_offsets(index_t h, index_t max_offset, std::span<Scalar> out) const {
+    Eigen::Map<Eigen::Array<Scalar, Eigen::Dynamic, 1>> d(out.data(), index_t(out.size()));
+    for (index_t t = 0; t < d.size(); ++t) d[t] = Scalar(distance(max_offset - t, 0));
+    Kernel::values(r1()[h], r2()[h], d);
+  }
 
   /// All parameters, laid out [r1 (H), r2 (H)].
   Eigen::Map<param_vector<Scalar>> parameters() noexcept { return {values_.data(), values_.size()}; }

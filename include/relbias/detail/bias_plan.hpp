@@ -7,13 +7,16 @@
 //   no_bias                 -> nothing to add
 //   policy.make_plan(w)     -> the policy's own plan (FIRE: MLP once per distance below L)
 //   shift-invariant policy  -> one table per head over the offsets of the window, O(Lq + Lk)
-//                              memory; a row segment is a contiguous slice of it
+//                              memory; a row segment is a contiguous slice of it. A policy may
+//                              fill a head's table in one call: fill_offsets(h, max_offset, out)
+//                              with out[t] = at_offset(h, max_offset - t) (KERPLE does)
 //   anything else           -> bias(h, i, j) per element
 
 #include "relbias/bias/none.hpp"
 #include "relbias/concepts.hpp"
 #include "relbias/offset.hpp"
 
+#include <span>
 #include <vector>
 
 namespace relbias::detail {
@@ -74,8 +77,12 @@ class offset_table_plan {
   using scalar_type = typename Bias::scalar_type;
 
   offset_table_plan(const Bias& bias, const position_window& window) : table_(bias.num_heads(), window) {
-    for (index_t h = 0; h < index_t(bias.num_heads()); ++h)
-      table_.fill(h, [&](index_t head, index_t delta) { return bias.at_offset(head, delta); });
+    for (index_t h = 0; h < index_t(bias.num_heads()); ++h) {
+      if constexpr (requires(std::span<scalar_type> out) { bias.fill_offsets(h, index_t(0), out); })
+        bias.fill_offsets(h, table_.max_offset(), {table_.head(h), std::size_t(table_.count())});  // whole arrays
+      else
+        table_.fill(h, [&](index_t head, index_t delta) { return bias.at_offset(head, delta); });
+    }
   }
 
   void add_row(index_t h, index_t i, index_t j0, index_t n, scalar_type* row) const {
