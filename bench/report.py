@@ -19,14 +19,17 @@ NAME = re.compile(r"^(?P<pass>\w+)/(?P<policy>[\w/]+?)/(?P<args>\w+:.*?)(/min_ti
 
 
 def load(path):
-    """{(pass, policy, args...): benchmark} from one JSON file; args as a dict of ints."""
+    """{(pass, policy, args...): benchmark} from one JSON file; args as a dict of ints. With
+    repetitions, the fastest repetition (the least disturbed by other tenants of the machine)."""
     rows = {}
     for b in json.loads(Path(path).read_text())["benchmarks"]:
         m = NAME.match(b["name"])
         if not m or b.get("run_type") == "aggregate":
             continue
         args = dict(kv.split(":") for kv in m["args"].split("/"))
-        rows[(m["pass"], m["policy"], tuple(sorted((k, int(v)) for k, v in args.items())))] = b
+        key = (m["pass"], m["policy"], tuple(sorted((k, int(v)) for k, v in args.items())))
+        if key not in rows or b["real_time"] < rows[key]["real_time"]:
+            rows[key] = b
     return rows
 
 
@@ -85,7 +88,7 @@ def forward_tables(rows, out):
 def decode_table(rows, out):
     table = by_policy(rows, lambda p, a: p == "decode")
     lengths = sorted({n for t in table.values() for n in t})
-    lines = ["\n### Decode (Lq = 1): K and V streamed, GB/s\n",
+    lines = ["\n### Decode (Lq = 1): K and V streamed, GB/s (best of the repetitions)\n",
              "| policy | " + " | ".join(f"Lk={n}" for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for policy in sorted(table, key=lambda p: (p != "none", p)):
@@ -121,21 +124,29 @@ def backward_table(rows, forward_rows):
 
 
 def median_table(path):
-    """The acceptance checks at L = 4096 from repeated, interleaved runs: medians, ratios to none."""
-    medians = {}
+    """The acceptance checks at L = 4096 from repeated, interleaved runs: the median and the best
+    repetition of each, and their ratios to none's."""
+    medians, best = {}, {}
     for b in json.loads(Path(path).read_text())["benchmarks"]:
-        if b.get("aggregate_name") != "median":
-            continue
         m = NAME.match(b["run_name"])
         a = dict(kv.split(":") for kv in m["args"].split("/"))
-        medians[(m["pass"], m["policy"], int(a["causal"]))] = b
-    lines = ["\n### L = 4096: medians of interleaved repetitions (the acceptance checks)\n",
-             "| pass | policy | mode | ms | GFLOP/s | time / none |", "|---|---|---|---|---|---|"]
-    for (pas, policy, causal), b in sorted(medians.items(), key=lambda r: (r[0][0] != "forward", r[0][2], r[0][1] != "none", r[0][1])):
-        none = medians.get((pas, "none", causal))
-        ratio = f"{b['real_time'] / none['real_time']:.2f}x" if none else "-"
-        lines.append(f"| {pas} | {policy} | {'causal' if causal else 'bidirectional'} | {b['real_time']:.0f} | "
-                     f"{b['GFLOPS']:.1f} | {ratio} |")
+        key = (m["pass"], m["policy"], int(a["causal"]))
+        if b.get("aggregate_name") == "median":
+            medians[key] = b
+        elif b.get("run_type") == "iteration" and (key not in best or b["real_time"] < best[key]["real_time"]):
+            best[key] = b
+    count = max((b.get("repetitions", 0) for b in medians.values()), default=0)
+    lines = [f"\n### L = 4096, bidirectional: {count} interleaved repetitions (the acceptance checks)\n",
+             "| pass | policy | median ms | GFLOP/s | / none | best ms | GFLOP/s | / none |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key, b in sorted(medians.items(), key=lambda r: (r[0][0] != "forward", r[0][2], r[0][1] != "none", r[0][1])):
+        pas, policy, causal = key
+        cells = []
+        for table in (medians, best):
+            row, none = table[key], table.get((pas, "none", causal))
+            ratio = f"{row['real_time'] / none['real_time']:.2f}x" if none else "-"
+            cells.append(f"{row['real_time']:.0f} | {row['GFLOPS']:.1f} | {ratio}")
+        lines.append(f"| {pas} | {policy} | " + " | ".join(cells) + " |")
     return lines
 
 

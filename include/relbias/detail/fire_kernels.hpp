@@ -17,6 +17,8 @@
 #include "relbias/detail/bias_plan.hpp"
 #include "relbias/offset.hpp"
 
+#include <Eigen/Core>
+
 #include <algorithm>
 #include <cmath>
 #include <span>
@@ -42,10 +44,19 @@ struct fire_distance_tables {
   }
 };
 
-/// x[c] = psi(|i - (j0 + c)|) / normaliser for c in [0, n).
+/// Of keys [j0, j0 + n), how many come first that are at or before query i.
+inline index_t keys_up_to(index_t i, index_t j0, index_t n) { return std::clamp(i + 1 - j0, index_t(0), n); }
+
+/// x[c] = psi(|i - (j0 + c)|) / normaliser for c in [0, n): two contiguous slices of the psi
+/// table, read backwards up to the query and forwards after it (packets, exact division).
 template <class S>
 void fire_inputs(const std::vector<S>& psi, index_t i, index_t j0, index_t n, S normaliser, S* x) {
-  for (index_t c = 0; c < n; ++c) x[c] = psi[std::size_t(distance(i, j0 + c))] / normaliser;
+  using array = Eigen::Array<S, Eigen::Dynamic, 1>;
+  const index_t up_to = keys_up_to(i, j0, n);
+  if (up_to > 0)  // distances i - j0 down to i - j0 - up_to + 1
+    Eigen::Map<array>(x, up_to) = Eigen::Map<const array>(&psi[std::size_t(i - j0 - up_to + 1)], up_to).reverse() / normaliser;
+  if (n > up_to)  // distances j0 + up_to - i up
+    Eigen::Map<array>(x + up_to, n - up_to) = Eigen::Map<const array>(&psi[std::size_t(j0 + up_to - i)], n - up_to) / normaliser;
 }
 
 /// Whether row i has the shared normaliser of the rows below the threshold.
@@ -99,7 +110,8 @@ class fire_pieces {
       const S* end = std::partition_point(x + c, x + n, [&](S v) { return contains(p, v); });
       const index_t stop = std::max(c + 1, index_t(end - x));  // c + 1: a NaN input cannot stall
       const S a = intercept_[std::size_t(h * pieces + p)], s = slope_[std::size_t(h * pieces + p)];
-      for (index_t k = c; k < stop; ++k) row[k] += a + s * x[k];
+      using array = Eigen::Array<S, Eigen::Dynamic, 1>;  // packets at -O2 too
+      Eigen::Map<array>(row + c, stop - c) += a + s * Eigen::Map<const array>(x + c, stop - c);
       c = stop;
     }
   }
@@ -146,7 +158,7 @@ class fire_plan {
   void add_row(index_t h, index_t i, index_t j0, index_t n, S* row) const {
     if (below_threshold(fire_, i)) {
       const S* values = below_.row(h, i, j0);
-      for (index_t c = 0; c < n; ++c) row[c] += values[c];
+      add_values(values, n, row);
       return;
     }
     const S normaliser = fire_.normalizer(i);
@@ -159,7 +171,7 @@ class fire_plan {
   void add_chunk(index_t h, index_t i, index_t j0, index_t n, S normaliser, S* row) const {
     S x[fire_chunk];
     fire_inputs(tables_.psi, i, j0, n, normaliser, x);
-    const index_t split = std::clamp(i + 1 - j0, index_t(0), n);
+    const index_t split = keys_up_to(i, j0, n);
     pieces_.add_monotone(h, x, split, row);
     pieces_.add_monotone(h, x + split, n - split, row + split);
   }
@@ -226,7 +238,7 @@ class fire_gradient_accumulator {
       const index_t m = std::min(fire_chunk, n - c0);
       S x[fire_chunk];
       fire_inputs(tables_.psi, i, j0 + c0, m, normaliser, x);
-      const index_t split = std::clamp(i + 1 - (j0 + c0), index_t(0), m);  // keys up to the query, then after
+      const index_t split = keys_up_to(i, j0 + c0, m);  // keys up to the query, then after
       add_monotone(h, i, j0 + c0, x, ds + c0, split, row);
       add_monotone(h, i, j0 + c0 + split, x + split, ds + c0 + split, m - split, row);
     }
