@@ -85,6 +85,16 @@ def forward_tables(rows, out):
     return lines
 
 
+def causal_speedup(rows):
+    """Tile skipping: the causal forward of `none` against the bidirectional one, per length."""
+    modes = [by_policy(rows, lambda p, a, c=c: p == "forward" and a.get("causal") == c).get("none", {}) for c in (0, 1)]
+    lengths = sorted(set(modes[0]) & set(modes[1]))
+    return ["\n### Causal speedup over bidirectional (`none`, forward)\n",
+            "| L | " + " | ".join(str(n) for n in lengths) + " |", "|---" * (len(lengths) + 1) + "|",
+            "| bidirectional / causal time | " +
+            " | ".join(f"{modes[0][n]['real_time'] / modes[1][n]['real_time']:.2f}x" for n in lengths) + " |"]
+
+
 def decode_table(rows, out):
     table = by_policy(rows, lambda p, a: p == "decode")
     lengths = sorted({n for t in table.values() for n in t})
@@ -156,6 +166,7 @@ def main():
     forward = load(sys.argv[2])
     lines = ["# relbias benchmark results", "", f"Machine: {context_line(sys.argv[2])}"]
     lines += forward_tables(forward, out)
+    lines += causal_speedup(forward)
     if len(sys.argv) > 3:
         lines += decode_table(load(sys.argv[3]), out)
     if len(sys.argv) > 4:

@@ -47,7 +47,7 @@ double fused_vs_reference(const Bias& bias, const case_shape& c, const attention
   attention_result<S> got{tensor<S>(c.batch, c.lq, c.hq, c.dim_v), std::vector<S>(std::size_t(c.batch * c.hq * c.lq))};
   const detail::forward_problem<S> pb{q.view(), k.view(), v.view(), got.out.view(), std::span<S>(got.lse),
                                       options, options.scale_for(c.dim), c.hq / c.hk, tiles};
-  detail::fused_forward(pb, detail::make_bias_plan(bias, options.window(c.lq, c.lk)));
+  detail::fused_forward(pb, detail::make_bias_plan(bias, options.window(c.lq, c.lk), detail::thread_count(options.num_threads)));
 
   double worst = max_relative_error<S>(got.out.view(), expected.out.view());
   for (std::size_t n = 0; n < got.lse.size(); ++n) {
@@ -115,6 +115,14 @@ TEMPLATE_TEST_CASE("attention: KERPLE and FIRE through their fast paths", "[atte
       CHECK(fused_vs_reference(fire<S>{3, 5}, c, options) < tolerance<S>());
     }
   }
+}
+
+TEMPLATE_TEST_CASE("attention: decoding over a long cache fills the offset tables on two threads", "[attention]", float, double) {
+  using S = TestType;
+  const case_shape c{.lq = 1, .lk = 4200, .hq = 4, .hk = 4, .dim = 8, .dim_v = 8};  // 4 x 4200 offsets: a large table
+  const attention_options<S> options{.mask = masking::causal, .q_start = kv_cache_q_start(c.lq, c.lk), .num_threads = 2};
+  CHECK(fused_vs_reference(kerple_power<S>{4, 11}, c, options) < tolerance<S>());  // fill_offsets
+  CHECK(fused_vs_reference(alibi<S>{4}, c, options) < tolerance<S>());             // at_offset per offset
 }
 
 TEST_CASE("attention: rows that see no key give O = 0 and lse = -inf", "[attention]") {

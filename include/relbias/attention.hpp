@@ -154,7 +154,7 @@ void attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v, const Bi
   detail::check_outputs(where, q, v, o, lse, false);
 
   const detail::forward_problem<S> pb{q, k, v, o, lse, options, options.scale_for(q.dim), q.heads / k.heads, {}};
-  const auto plan = detail::make_bias_plan(bias, options.window(q.seq, k.seq));
+  const auto plan = detail::make_bias_plan(bias, options.window(q.seq, k.seq), detail::thread_count(options.num_threads));
   detail::fused_forward(pb, plan);
 }
 

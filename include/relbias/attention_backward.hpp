@@ -164,7 +164,7 @@ template <class S, bias_policy Bias>
 void run_backward(backward_problem<S>& pb, const Bias& bias, std::span<S> bias_grad) {
   pb.row_delta = output_row_deltas(pb.o, pb.d_out);
   const position_window window = pb.options.window(pb.q.seq, pb.k.seq);
-  const auto plan = make_bias_plan(bias, window);
+  const auto plan = make_bias_plan(bias, window, thread_count(pb.options.num_threads));
   if constexpr (differentiable_bias<Bias>) {
     fused_backward(pb, plan, [&] { return make_gradient_accumulator(bias, window); }, bias_grad);
   } else {

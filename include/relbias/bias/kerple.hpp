@@ -55,9 +55,15 @@ struct kerple_power_kernel {
   template <class S>
   static void values(S r1, S r2, Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> d) {
     if constexpr (std::is_same_v<S, float>) {
-      Eigen::ArrayXd wide = d.template cast<double>();
-      wide = -double(r1) * (double(r2) * wide.log()).exp();  // log 0 = -inf: 0^r2 = 0
-      d = wide.template cast<float>();  // a separate pass: inside one expression the cast kept log and exp scalar
+      constexpr Eigen::Index chunk = 512;  // on the stack and in L1: no allocation per call
+      Eigen::Array<double, chunk, 1> wide;
+      for (Eigen::Index start = 0; start < d.size(); start += chunk) {
+        const Eigen::Index n = std::min(chunk, d.size() - start);
+        auto part = wide.head(n);
+        part = d.segment(start, n).template cast<double>();
+        part = -double(r1) * (double(r2) * part.log()).exp();  // log 0 = -inf: 0^r2 = 0
+        d.segment(start, n) = part.template cast<float>();  // a separate pass: inside one expression the cast kept log and exp scalar
+      }
     } else {
       d = d.unaryExpr([=](S x) { return value(r1, r2, x); });
     }

@@ -14,10 +14,12 @@
 
 #include "relbias/bias/none.hpp"
 #include "relbias/concepts.hpp"
+#include "relbias/detail/parallel.hpp"
 #include "relbias/offset.hpp"
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <span>
 #include <vector>
 
@@ -86,13 +88,17 @@ class offset_table_plan {
  public:
   using scalar_type = typename Bias::scalar_type;
 
-  offset_table_plan(const Bias& bias, const position_window& window) : table_(bias.num_heads(), window) {
-    for (index_t h = 0; h < index_t(bias.num_heads()); ++h) {
+  /// Large tables fill their heads in parallel: when decoding, a KERPLE table over 32768 offsets
+  /// per head costs about a tenth of streaming K and V.
+  offset_table_plan(const Bias& bias, const position_window& window, int threads) : table_(bias.num_heads(), window) {
+    const index_t heads = index_t(bias.num_heads());
+    const bool large = heads * table_.count() >= 16384;
+    parallel_items(heads, large ? int(std::min<index_t>(threads, heads)) : 1, [] { return 0; }, [&](index_t h, int) {
       if constexpr (requires(std::span<scalar_type> out) { bias.fill_offsets(h, index_t(0), out); })
         bias.fill_offsets(h, table_.max_offset(), {table_.head(h), std::size_t(table_.count())});  // whole arrays
       else
         table_.fill(h, [&](index_t head, index_t delta) { return bias.at_offset(head, delta); });
-    }
+    });
   }
 
   void add_row(index_t h, index_t i, index_t j0, index_t n, scalar_type* row) const {
@@ -110,12 +116,13 @@ struct empty_plan {
   void add_row(index_t, index_t, index_t, index_t, Scalar*) const noexcept {}
 };
 
+/// threads: the call's thread count (thread_count()), for plans that are worth building in parallel.
 template <bias_policy Bias>
-auto make_bias_plan(const Bias& bias, const position_window& window) {
+auto make_bias_plan(const Bias& bias, const position_window& window, int threads) {
   using S = typename Bias::scalar_type;
   if constexpr (is_no_bias_v<Bias>) return empty_plan<S>{};
   else if constexpr (requires { bias.make_plan(window); }) return bias.make_plan(window);
-  else if constexpr (shift_invariant_bias<Bias>) return offset_table_plan<Bias>(bias, window);
+  else if constexpr (shift_invariant_bias<Bias>) return offset_table_plan<Bias>(bias, window, threads);
   else return cell_plan<Bias>(bias);
 }
 
