@@ -210,6 +210,25 @@ TEST_CASE("attention_backward: gradients are bit-identical run to run, and dq/dk
   CHECK(same_bits(first.dk.data(), single.dk.data(), std::size_t(first.dk.size())));
 }
 
+TEMPLATE_TEST_CASE("attention_backward: multi-query at batch 1 splits the query heads over threads", "[backward]", float,
+                   double) {
+  using S = TestType;
+  // One key/value head and more threads than groups: slices of query heads with their own dK/dV
+  // buffers (3 threads: heads {0, 3}, {1}, {2}).
+  const shape c{.batch = 1, .lq = 23, .lk = 29, .hq = 4, .hk = 1, .dim = 8, .dim_v = 6};
+  const alibi<S, true> bias{4};
+  for (int threads : {2, 3}) {
+    attention_options<S> options{.mask = masking::causal, .q_start = 6, .num_threads = threads};
+    INFO("threads=" << threads);
+    const problem<S> p = make_problem(bias, c, options);
+    const auto first = fused(bias, c, options, p, {.rows = 8, .cols = 8});
+    CHECK(worst_error(first, reference(bias, c, options, p)) < tolerance<S>());
+    const auto second = fused(bias, c, options, p, {.rows = 8, .cols = 8});
+    CHECK(std::memcmp(first.dk.data(), second.dk.data(), std::size_t(first.dk.size()) * sizeof(S)) == 0);
+    CHECK(std::memcmp(first.dv.data(), second.dv.data(), std::size_t(first.dv.size()) * sizeof(S)) == 0);
+  }
+}
+
 TEST_CASE("attention_backward: bias_grad accumulates and bad input names the argument", "[backward]") {
   const shape c{};
   const alibi<double, true> bias{2};

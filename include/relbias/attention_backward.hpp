@@ -8,9 +8,11 @@
 //
 // Determinism: a work item is one (batch, key/value head) with every query head of its group,
 // so it owns its rows of dQ, dK and dV outright (GQA sums over the group inside the item, in a
-// fixed order). Items go to threads in a static round-robin, bias-gradient partials are kept
-// per thread and summed in thread order: the same inputs and thread count give bit-identical
-// gradients. No atomics.
+// fixed order). With fewer such groups than threads (multi-query attention at batch 1) a group's
+// query heads are split into slices, each summing dK and dV into a buffer of its own; the buffers
+// are added in slice order afterwards. Items go to threads in a static round-robin, bias-gradient
+// partials are kept per thread and summed in thread order: the same inputs and thread count give
+// bit-identical gradients. No atomics.
 
 #include "relbias/attention.hpp"
 #include "relbias/attention_options.hpp"
@@ -19,6 +21,7 @@
 #include "relbias/detail/bias_plan.hpp"
 #include "relbias/detail/checks.hpp"
 #include "relbias/detail/parallel.hpp"
+#include "relbias/tensor.hpp"
 
 #include <Eigen/Core>
 
@@ -51,6 +54,21 @@ struct backward_problem {
     return std::clamp<index_t>(j0 - options.q_start, 0, q.seq);
   }
 };
+
+/// What one work item computes: for batch b and key/value head kv_head, the query heads
+/// first_head, first_head + head_step, ... of the group, with dK and dV summed into dk and dv
+/// (single-head views: the user's tensors, or the slice's own buffers).
+template <class S>
+struct backward_work {
+  index_t b, kv_head, first_head, head_step;
+  tensor_view<S> dk, dv;
+};
+
+/// Head h of batch b of t as a [1, seq, 1, dim] view of the same memory.
+template <class S>
+tensor_view<S> single_head(const tensor_view<S>& t, index_t b, index_t h) {
+  return {t.row(b, 0, h), 1, t.seq, 1, t.dim, 0, t.seq_stride, 0};
+}
 
 template <class S>
 struct backward_scratch {
@@ -89,8 +107,8 @@ void recompute_probabilities(const backward_problem<S>& pb, const Plan& plan, Ti
 /// One (query tile, key tile) pair of one query head: every product of the backward pass.
 template <class S, class Plan, class Accumulator>
 void backward_tile(const backward_problem<S>& pb, const Plan& plan, Accumulator* bias_grad, backward_scratch<S>& s,
-                   index_t b, index_t h, index_t r0, index_t br, index_t c0, index_t bc) {
-  const index_t kv_head = h / pb.group;
+                   const backward_work<S>& work, index_t h, index_t r0, index_t br, index_t c0, index_t bc) {
+  const index_t b = work.b, kv_head = work.kv_head;
   const index_t j0 = key_position(pb.options.k_start, c0);
   const auto q_tile = pb.q.rows(b, h, r0, br);          // (Br, D)
   const auto d_out_tile = pb.d_out.rows(b, h, r0, br);  // (Br, Dv)
@@ -101,7 +119,7 @@ void backward_tile(const backward_problem<S>& pb, const Plan& plan, Accumulator*
   auto dp = s.d_probabilities.topLeftCorner(br, bc);  // (Br, Bc)
   p.noalias() = pb.scale * (q_tile * k_tile.transpose());
   recompute_probabilities(pb, plan, p, b, h, r0, j0);
-  pb.dv.rows(b, kv_head, c0, bc).noalias() += p.transpose() * d_out_tile;
+  work.dv.rows(0, 0, c0, bc).noalias() += p.transpose() * d_out_tile;
 
   dp.noalias() = d_out_tile * v_tile.transpose();
   for (index_t r = 0; r < br; ++r) {  // dS = P o (dP - delta), written over P
@@ -110,26 +128,73 @@ void backward_tile(const backward_problem<S>& pb, const Plan& plan, Accumulator*
     if (bias_grad) bias_grad->add_row(h, query_position(pb.options.q_start, r0 + r), j0, bc, &p(r, 0));
   }
   pb.dq.rows(b, h, r0, br).noalias() += pb.scale * (p * k_tile);
-  pb.dk.rows(b, kv_head, c0, bc).noalias() += pb.scale * (p.transpose() * q_tile);
+  work.dk.rows(0, 0, c0, bc).noalias() += pb.scale * (p.transpose() * q_tile);
 }
 
-/// Work item: batch b, key/value head kv_head, all its query heads. Key tiles outer (FA2), so
-/// the dK and dV tiles stay hot while the query tiles stream past.
+/// One work item. Key tiles outer (FA2), so the dK and dV tiles stay hot while the query tiles
+/// stream past.
 template <class S, class Plan, class Accumulator>
 void backward_item(const backward_problem<S>& pb, const Plan& plan, Accumulator* bias_grad, backward_scratch<S>& s,
-                   index_t b, index_t kv_head) {
-  pb.dk.matrix(b, kv_head).setZero();
-  pb.dv.matrix(b, kv_head).setZero();
-  for (index_t h = kv_head * pb.group; h < (kv_head + 1) * pb.group; ++h) pb.dq.matrix(b, h).setZero();
+                   const backward_work<S>& work) {
+  const index_t head_end = (work.kv_head + 1) * pb.group;
+  work.dk.matrix(0, 0).setZero();
+  work.dv.matrix(0, 0).setZero();
+  for (index_t h = work.first_head; h < head_end; h += work.head_step) pb.dq.matrix(work.b, h).setZero();
 
   for (index_t c0 = 0; c0 < pb.k.seq; c0 += pb.tiles.cols) {
     const index_t bc = std::min(pb.tiles.cols, pb.k.seq - c0);
     const index_t first_row = pb.first_visible_row(key_position(pb.options.k_start, c0));
-    for (index_t h = kv_head * pb.group; h < (kv_head + 1) * pb.group; ++h)
+    for (index_t h = work.first_head; h < head_end; h += work.head_step)
       for (index_t r0 = first_row; r0 < pb.q.seq; r0 += pb.tiles.rows)
-        backward_tile(pb, plan, bias_grad, s, b, h, r0, std::min(pb.tiles.rows, pb.q.seq - r0), c0, bc);
+        backward_tile(pb, plan, bias_grad, s, work, h, r0, std::min(pb.tiles.rows, pb.q.seq - r0), c0, bc);
   }
 }
+
+/// The work items of a pass: every (batch, key/value head) group, each split into `slices`
+/// slices of its query heads when there are fewer groups than threads. Slice 0 sums dK and dV
+/// into the user's tensors, slice n > 0 into buffers of its own (Lk x (D + Dv) each, at most
+/// one per extra thread), which finish() adds in slice order.
+template <class S>
+class backward_split {
+ public:
+  backward_split(const backward_problem<S>& pb, index_t threads)
+      : pb_(pb), groups_(pb.q.batch * pb.k.heads), slices_(std::clamp<index_t>(threads / groups_, 1, pb.group)) {
+    for (index_t n = 0; n < groups_ * (slices_ - 1); ++n) {
+      dk_parts_.emplace_back(1, pb.k.seq, 1, pb.k.dim);
+      dv_parts_.emplace_back(1, pb.v.seq, 1, pb.v.dim);
+    }
+  }
+
+  index_t items() const { return groups_ * slices_; }
+
+  backward_work<S> item(index_t n) {
+    const index_t group = n / slices_, slice = n % slices_;
+    const index_t b = group / pb_.k.heads, kv_head = group % pb_.k.heads;
+    backward_work<S> work{b, kv_head, kv_head * pb_.group + slice, slices_,
+                          single_head(pb_.dk, b, kv_head), single_head(pb_.dv, b, kv_head)};
+    if (slice > 0) {
+      const auto part = std::size_t(group * (slices_ - 1) + slice - 1);
+      work.dk = dk_parts_[part].view();
+      work.dv = dv_parts_[part].view();
+    }
+    return work;
+  }
+
+  void finish() {
+    for (index_t group = 0; group < groups_; ++group)
+      for (index_t slice = 1; slice < slices_; ++slice) {
+        const auto part = std::size_t(group * (slices_ - 1) + slice - 1);
+        const index_t b = group / pb_.k.heads, kv_head = group % pb_.k.heads;
+        pb_.dk.matrix(b, kv_head) += dk_parts_[part].view().matrix(0, 0);
+        pb_.dv.matrix(b, kv_head) += dv_parts_[part].view().matrix(0, 0);
+      }
+  }
+
+ private:
+  const backward_problem<S>& pb_;
+  index_t groups_, slices_;
+  std::vector<tensor<S>> dk_parts_, dv_parts_;
+};
 
 /// Runs the items on `threads` threads, item n on thread n % threads (static, so the order in
 /// which each thread's bias-gradient partial sees rows is fixed), then sums the partials in
@@ -137,7 +202,8 @@ void backward_item(const backward_problem<S>& pb, const Plan& plan, Accumulator*
 template <class S, class Plan, class MakeAccumulator>
 void fused_backward(const backward_problem<S>& pb, const Plan& plan, MakeAccumulator make_accumulator,
                     std::span<S> grad) {
-  const index_t items = pb.q.batch * pb.k.heads;
+  backward_split<S> split(pb, thread_count(pb.options.num_threads));
+  const index_t items = split.items();
   const int threads = int(std::min<index_t>(thread_count(pb.options.num_threads), items));
   using accumulator = decltype(make_accumulator());
   std::vector<std::optional<accumulator>> partials(static_cast<std::size_t>(threads));
@@ -153,8 +219,9 @@ void fused_backward(const backward_problem<S>& pb, const Plan& plan, MakeAccumul
         auto& partial = partials[std::size_t(thread)];
         if (!grad.empty()) partial.emplace(make_accumulator());
         for (index_t item = thread; item < items; item += threads)
-          backward_item(pb, plan, partial ? &*partial : nullptr, s, item / pb.k.heads, item % pb.k.heads);
+          backward_item(pb, plan, partial ? &*partial : nullptr, s, split.item(item));
       });
+  split.finish();
   for (auto& partial : partials)
     if (partial) partial->finish(grad);
 }
