@@ -1,7 +1,8 @@
 // Backward attention for every bias scheme (with the bias-parameter gradient for learned
 // schemes), beside the fused forward of the same shape. 8 heads, d = 64, fp32, batch 1.
 // GFLOPS counts 2.5x the forward's useful FLOPs (FlashAttention's convention: five products
-// against the forward's two).
+// against the forward's two). backward_mqa: one key/value head, batch 1, on 1 and 2 threads (the
+// query heads of the one group split over the threads).
 #include "policies.hpp"
 
 #include <relbias/attention.hpp>
@@ -13,16 +14,14 @@ using namespace relbias_bench;
 namespace {
 
 template <class Bias>
-void backward(benchmark::State& state) {
-  const index_t length = state.range(0);
-  const bool causal = state.range(1) != 0;
+void run_backward(benchmark::State& state, index_t length, bool causal, index_t kv_heads, int threads) {
   const masking mask = causal ? masking::causal : masking::bidirectional;
-  const auto q = random_input(length, heads, 1), k = random_input(length, heads, 2), v = random_input(length, heads, 3);
+  const auto q = random_input(length, heads, 1), k = random_input(length, kv_heads, 2), v = random_input(length, kv_heads, 3);
   const auto d_out = random_input(length, heads, 4);
   const Bias bias = make_bias<Bias>(mask);
-  const attention_options<float> options{.mask = mask};
+  const attention_options<float> options{.mask = mask, .num_threads = threads};
   const auto forward = attention(q.view(), k.view(), v.view(), bias, options);
-  tensor<float> dq(1, length, heads, dim), dk(1, length, heads, dim), dv(1, length, heads, dim);
+  tensor<float> dq(1, length, heads, dim), dk(1, length, kv_heads, dim), dv(1, length, kv_heads, dim);
   std::vector<float> bias_grad;
   if constexpr (learned_bias<Bias>) bias_grad.resize(std::size_t(bias.parameters().size()));
   for (auto _ : state) {
@@ -31,6 +30,15 @@ void backward(benchmark::State& state) {
     benchmark::DoNotOptimize(dq.data());
   }
   set_gflops(state, 2.5 * forward_flops(length, length, causal));
+}
+
+template <class Bias>
+void backward(benchmark::State& state) {
+  run_backward<Bias>(state, state.range(0), state.range(1) != 0, heads, 0);
+}
+
+void backward_mqa(benchmark::State& state) {
+  run_backward<no_bias<float>>(state, state.range(0), false, 1, int(state.range(1)));
 }
 
 }  // namespace
@@ -42,6 +50,12 @@ int main(int argc, char** argv) {
       for (int length : {1024, 4096}) b->Args({length, causal});
     b->ArgNames({"L", "causal"})->Unit(benchmark::kMillisecond)->UseRealTime();
   });
+  benchmark::RegisterBenchmark("backward_mqa/none", backward_mqa)
+      ->Args({2048, 1})
+      ->Args({2048, 2})
+      ->ArgNames({"L", "threads"})
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime();
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

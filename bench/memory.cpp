@@ -53,20 +53,7 @@ void measure(const char* name, index_t length, bool backward) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 4) {
-    std::fprintf(stderr, "usage: %s <policy> <L> <forward|backward>\n", argv[0]);
-    return 2;
-  }
-  const std::string wanted = argv[1];
-  const index_t length = std::stol(argv[2]);
-  const bool backward = std::string(argv[3]) == "backward";
-  bool found = false;
-  for_each_policy([&]<class Bias>(const char* name) {
-    if (wanted == name) {
-      measure<Bias>(name, length, backward);
-      found = true;
-    }
+  return run_policy_command(argc, argv, []<class Bias>(const char* name, index_t length, bool backward) {
+    measure<Bias>(name, length, backward);
   });
-  if (!found) std::fprintf(stderr, "unknown policy %s\n", argv[1]);
-  return found ? 0 : 2;
 }

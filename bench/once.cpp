@@ -7,9 +7,6 @@
 #include <relbias/attention.hpp>
 #include <relbias/attention_backward.hpp>
 
-#include <cstdio>
-#include <string>
-
 using namespace relbias;
 using namespace relbias_bench;
 
@@ -33,17 +30,7 @@ void run(index_t length, bool backward) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 4) {
-    std::fprintf(stderr, "usage: %s <policy> <L> <forward|backward>\n", argv[0]);
-    return 2;
-  }
-  const std::string wanted = argv[1];
-  bool found = false;
-  for_each_policy([&]<class Bias>(const char* name) {
-    if (wanted != name) return;
-    run<Bias>(std::stol(argv[2]), std::string(argv[3]) == "backward");
-    found = true;
+  return run_policy_command(argc, argv, []<class Bias>(const char*, index_t length, bool backward) {
+    run<Bias>(length, backward);
   });
-  if (!found) std::fprintf(stderr, "unknown policy %s\n", argv[1]);
-  return found ? 0 : 2;
 }

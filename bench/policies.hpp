@@ -13,6 +13,7 @@
 
 #include <benchmark/benchmark.h>
 
+#include <cstdio>
 #include <string>
 
 namespace relbias_bench {
@@ -75,6 +76,27 @@ void for_each_policy(Visitor&& visit) {
   visit.template operator()<relbias::kerple_power<float>>("kerple_power");
   visit.template operator()<relbias::kerple_log<float>>("kerple_log");
   visit.template operator()<relbias::fire<float>>("fire");
+}
+
+/// main() of the one-shot tools (bench_memory, bench_once): `tool <policy> <L> <forward|backward>`
+/// calls run.template operator()<Bias>(name, L, backward) for the policy named.
+template <class Run>
+int run_policy_command(int argc, char** argv, Run&& run) {
+  if (argc != 4) {
+    std::fprintf(stderr, "usage: %s <policy> <L> <forward|backward>\n", argv[0]);
+    return 2;
+  }
+  const std::string wanted = argv[1];
+  const index_t length = std::stol(argv[2]);
+  const bool backward = std::string(argv[3]) == "backward";
+  bool found = false;
+  for_each_policy([&]<class Bias>(const char* name) {
+    if (wanted != name) return;
+    run.template operator()<Bias>(name, length, backward);
+    found = true;
+  });
+  if (!found) std::fprintf(stderr, "unknown policy %s\n", argv[1]);
+  return found ? 0 : 2;
 }
 
 }  // namespace relbias_bench

@@ -133,6 +133,17 @@ def backward_table(rows, forward_rows):
     return lines
 
 
+def mqa_table(rows):
+    """Multi-query backward at batch 1: one group, its query heads split over the threads."""
+    runs = sorted((dict(args)["threads"], dict(args)["L"], b) for (pas, _, args), b in rows.items() if pas == "backward_mqa")
+    if not runs:
+        return []
+    one = runs[0][2]["real_time"]
+    return [f"\n### Backward, multi-query (8 query heads, 1 key/value head, batch 1, L = {runs[0][1]}, bidirectional)\n",
+            "| threads | ms | speedup |", "|---|---|---|"] + [
+        f"| {threads} | {b['real_time']:.1f} | {one / b['real_time']:.2f}x |" for threads, _, b in runs]
+
+
 def median_table(path):
     """The acceptance checks at L = 4096 from repeated, interleaved runs: the median and the best
     repetition of each, and their ratios to none's."""
@@ -171,6 +182,7 @@ def main():
         lines += decode_table(load(sys.argv[3]), out)
     if len(sys.argv) > 4:
         lines += backward_table(load(sys.argv[4]), forward)
+        lines += mqa_table(load(sys.argv[4]))
     targets = Path(sys.argv[2]).with_name("targets.json")
     if targets.exists():
         lines += median_table(targets)
