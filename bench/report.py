@@ -2,7 +2,8 @@
 """Turns the suite's Google Benchmark JSON into Markdown tables and PNG plots.
 
 usage: report.py OUT_DIR forward.json [decode.json] [backward.json] [memory.txt]
-Writes OUT_DIR/results.md, OUT_DIR/forward.png, OUT_DIR/decode.png.
+Writes OUT_DIR/results.md, OUT_DIR/forward.png, OUT_DIR/decode.png, and the tables into
+OUT_DIR/../README.md between its results markers, when it has them.
 """
 import json
 import re
@@ -171,6 +172,21 @@ def median_table(path):
     return lines
 
 
+BEGIN, END = "<!-- results: begin (bench/report.py writes this part) -->", "<!-- results: end -->"
+
+
+def update_readme(readme, tables):
+    """Replaces the part of readme between the markers with the tables of this run."""
+    if not readme.exists():
+        return
+    text = readme.read_text()
+    start, stop = text.find(BEGIN), text.find(END)
+    if start < 0 or stop < start:
+        return
+    readme.write_text(text[:start + len(BEGIN)] + "\n" + tables + "\n" + text[stop:])
+    print(f"updated {readme}")
+
+
 def main():
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
@@ -191,6 +207,7 @@ def main():
                   Path(sys.argv[5]).read_text().strip(), "```"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'results.md'}")
+    update_readme(out.parent / "README.md", "\n".join(lines[2:]))  # without the title line
 
 
 if __name__ == "__main__":
