@@ -44,6 +44,7 @@ merged = json.load(open(f"{out}/targets_forward.json"))
 merged["benchmarks"] += json.load(open(f"{out}/targets_backward.json"))["benchmarks"]
 json.dump(merged, open(f"{out}/targets.json", "w"), indent=1)
 PY
+rm "$out/targets_forward.json" "$out/targets_backward.json"
 : > "$out/memory.txt"
 for policy in none alibi t5 fire; do
   for pass in forward backward; do
