@@ -57,7 +57,7 @@ def forward_tables(rows, out):
         table = by_policy(rows, lambda p, a: p == "forward" and a.get("causal") == causal)
         lengths = sorted({length for t in table.values() for length in t})
         mode = "causal" if causal else "bidirectional"
-        lines += [f"\n### Forward, {mode}: GFLOP/s (ratio to fused `none` in the same run)\n",
+        lines += [f"\n### Forward, {mode}: GFLOP/s, fastest repetition (ratio to fused `none` in the same run)\n",
                   "| policy | " + " | ".join(f"L={n}" for n in lengths) + " |",
                   "|---" * (len(lengths) + 1) + "|"]
         base = table.get("none", {})
@@ -119,7 +119,7 @@ def decode_table(rows, out):
 
 
 def backward_table(rows, forward_rows):
-    lines = ["\n### Backward: time in ms (ratio to the same policy's fused forward; ratio to backward `none`)\n",
+    lines = ["\n### Backward: time in ms, fastest repetition (ratio to the same policy's fused forward; ratio to backward `none`)\n",
              "| policy | mode | L | backward ms | / forward | / backward none |", "|---|---|---|---|---|---|"]
     for (pas, policy, args), b in sorted(rows.items(), key=lambda r: (r[0][2], r[0][1] != "none", r[0][1])):
         if pas != "backward":

@@ -17,17 +17,21 @@ mkdir -p "$out"
 filter_forward='.*'
 filter_backward='.*'
 memory_length=32768
+sweep_repetitions=3
 if [ "${QUICK:-0}" = 1 ]; then
+  sweep_repetitions=1
   filter_forward='L:(256|1024)/'
   filter_backward='L:1024/'
   memory_length=4096
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
-"$build/bench/bench_forward" --benchmark_filter="$filter_forward" --benchmark_out="$out/forward.json" --benchmark_out_format=json
+# Sweeps: three interleaved repetitions of every point, the report keeps the fastest.
+sweep=(--benchmark_repetitions="$sweep_repetitions" --benchmark_enable_random_interleaving=true --benchmark_out_format=json)
+"$build/bench/bench_forward" --benchmark_filter="$filter_forward" "${sweep[@]}" --benchmark_out="$out/forward.json"
 # Decoding steps are short: repeated and interleaved, the report takes the best of five.
 "$build/bench/bench_decode" --benchmark_repetitions=5 --benchmark_enable_random_interleaving=true \
   --benchmark_out="$out/decode.json" --benchmark_out_format=json
-"$build/bench/bench_backward" --benchmark_filter="$filter_backward" --benchmark_out="$out/backward.json" --benchmark_out_format=json
+"$build/bench/bench_backward" --benchmark_filter="$filter_backward" "${sweep[@]}" --benchmark_out="$out/backward.json"
 # The acceptance checks at L = 4096, repeated and interleaved (a shared VM is noisy): medians
 # and best runs.
 targets='/L:4096/causal:0'

@@ -34,8 +34,7 @@ class offset_gradient_accumulator {
       : bias_(bias), window_(window), sums_(bias.num_heads(), window) {}
 
   void add_row(index_t h, index_t i, index_t j0, index_t n, const scalar_type* ds) {
-    scalar_type* sums = sums_.row(h, i, j0);
-    for (index_t c = 0; c < n; ++c) sums[c] += ds[c];  // contiguous: vectorises
+    add_values(ds, n, sums_.row(h, i, j0));  // one contiguous diagonal slice per row
   }
 
   void finish(std::span<scalar_type> grad) const {
