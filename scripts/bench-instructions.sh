@@ -4,7 +4,7 @@
 # Builds bench_once for AVX2 (valgrind does not run AVX-512), one thread, bidirectional, and
 # prints per pass the instruction count and its ratio to no bias (the counts include making the
 # random inputs, the same for every policy). Run as root on Debian 12:
-#   bash scripts/bench-instructions.sh [L]        (default L = 1024; ~2 minutes)
+#   bash scripts/bench-instructions.sh [L]        (default L = 1024; about half an hour)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
