@@ -157,8 +157,9 @@ void backward_item(const backward_problem<S>& pb, const Plan& plan, Accumulator*
 template <class S>
 class backward_split {
  public:
-  backward_split(const backward_problem<S>& pb, index_t threads)
-      : pb_(pb), groups_(pb.q.batch * pb.k.heads), slices_(std::clamp<index_t>(threads / groups_, 1, pb.group)) {
+  backward_split(const backward_problem<S>& pb, int threads)
+      : pb_(pb), groups_(pb.q.batch * pb.k.heads), slices_(std::clamp<index_t>(threads / groups_, 1, pb.group)),
+        threads_(int(std::min<index_t>(threads, groups_ * slices_))) {
     for (index_t n = 0; n < groups_ * (slices_ - 1); ++n) {
       dk_parts_.emplace_back(1, pb.k.seq, 1, pb.k.dim);
       dv_parts_.emplace_back(1, pb.v.seq, 1, pb.v.dim);
@@ -166,13 +167,14 @@ class backward_split {
   }
 
   index_t items() const { return groups_ * slices_; }
+  int threads() const { return threads_; }
 
   backward_work<S> item(index_t n) {
     const index_t group = n / slices_, slice = n % slices_;
-    const index_t b = group / pb_.k.heads, kv_head = group % pb_.k.heads;
-    backward_work<S> work{b, kv_head, kv_head * pb_.group + slice, slices_,
-                          single_head(pb_.dk, b, kv_head), single_head(pb_.dv, b, kv_head)};
-    if (slice > 0) {
+    const index_t kv_head = group % pb_.k.heads;
+    backward_work<S> work{group / pb_.k.heads, kv_head, kv_head * pb_.group + slice, slices_,
+                          of_group(pb_.dk, group), of_group(pb_.dv, group)};
+    if (slice > 0) {  // parts are ordered by group, then slice
       const auto part = std::size_t(group * (slices_ - 1) + slice - 1);
       work.dk = dk_parts_[part].view();
       work.dv = dv_parts_[part].view();
@@ -181,18 +183,21 @@ class backward_split {
   }
 
   void finish() {
-    for (index_t group = 0; group < groups_; ++group)
-      for (index_t slice = 1; slice < slices_; ++slice) {
-        const auto part = std::size_t(group * (slices_ - 1) + slice - 1);
-        const index_t b = group / pb_.k.heads, kv_head = group % pb_.k.heads;
-        pb_.dk.matrix(b, kv_head) += dk_parts_[part].view().matrix(0, 0);
-        pb_.dv.matrix(b, kv_head) += dv_parts_[part].view().matrix(0, 0);
-      }
+    for (std::size_t part = 0; part < dk_parts_.size(); ++part) {
+      const index_t group = index_t(part) / (slices_ - 1);
+      of_group(pb_.dk, group).matrix(0, 0) += dk_parts_[part].view().matrix(0, 0);
+      of_group(pb_.dv, group).matrix(0, 0) += dv_parts_[part].view().matrix(0, 0);
+    }
   }
 
  private:
+  tensor_view<S> of_group(const tensor_view<S>& t, index_t group) const {
+    return single_head(t, group / pb_.k.heads, group % pb_.k.heads);
+  }
+
   const backward_problem<S>& pb_;
   index_t groups_, slices_;
+  int threads_;
   std::vector<tensor<S>> dk_parts_, dv_parts_;
 };
 
@@ -204,7 +209,7 @@ void fused_backward(const backward_problem<S>& pb, const Plan& plan, MakeAccumul
                     std::span<S> grad) {
   backward_split<S> split(pb, thread_count(pb.options.num_threads));
   const index_t items = split.items();
-  const int threads = int(std::min<index_t>(thread_count(pb.options.num_threads), items));
+  const int threads = split.threads();
   using accumulator = decltype(make_accumulator());
   std::vector<std::optional<accumulator>> partials(static_cast<std::size_t>(threads));
   parallel_items(

@@ -62,7 +62,7 @@ struct kerple_power_kernel {
         auto part = wide.head(n);
         part = d.segment(start, n).template cast<double>();
         part = -double(r1) * (double(r2) * part.log()).exp();  // log 0 = -inf: 0^r2 = 0
-        d.segment(start, n) = part.template cast<float>();  // a separate pass: inside one expression the cast kept log and exp scalar
+        d.segment(start, n) = part.template cast<float>();  // own pass: a cast inside kept log and exp scalar
       }
     } else {
       d = d.unaryExpr([=](S x) { return value(r1, r2, x); });
