@@ -127,8 +127,12 @@ def select(rows, pas, **fixed):
 # --- plotting --------------------------------------------------------------------------------
 
 def finish(fig, out, name, info, title):
-    for ax in fig.axes:  # every axis from zero, tall enough for the largest bar
-        ax.set_ylim(0, max(ax.dataLim.y1, ax.get_ylim()[1]) * 1.05)
+    for ax in fig.axes:  # every axis from zero, tall enough for the largest bar unless clipped
+        top = getattr(ax, "clip_top", None)
+        ax.set_ylim(0, top if top else max(ax.dataLim.y1, ax.get_ylim()[1]) * 1.05)
+        if top and ax.dataLim.y1 > top:
+            ax.text(0.99, 0.98, f"bars cut at {top:.1f}: a noisy repetition reached {ax.dataLim.y1:.1f}",
+                    transform=ax.transAxes, ha="right", va="top", fontsize=7, color="0.3")
     fig.suptitle(f"{title}\n{info['mode']} run, {info['date']}, {info['threads']} threads", fontsize=10)
     fig.text(0.01, 0.005, f"{machine(info)}; {info['command']} at {info['commit']}", fontsize=7, color="0.3")
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
@@ -152,11 +156,13 @@ def throughput_lines(ax, table, counter, xlabel):
 def ratio_lines(ax, table, xlabel):
     """Time relative to `none` per policy over the swept argument, IQR and range of the pairs."""
     base = table.get("none", {})
+    points = []
     for n, policy in enumerate(p for p in policies(table) if p not in ("none", "reference/none")):
         xs = [x for x in sorted(table[policy]) if x in base]
         stats = [time_ratio(table[policy][x], base[x]) for x in xs]
         shifted = [x * 2 ** ((n - 3) * 0.04) for x in xs]  # side by side, not on top of each other
         mid = [s[0] for s in stats]
+        points += mid
         line = ax.errorbar(shifted, mid, yerr=[[m - s[2][0] for m, s in zip(mid, stats)],
                                                [s[2][1] - m for m, s in zip(mid, stats)]],
                            marker="o", ms=3, capsize=2, lw=1, label=policy, color=COLORS.get(policy))
@@ -166,6 +172,15 @@ def ratio_lines(ax, table, xlabel):
     ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.grid(True, alpha=0.3)
+    clip_ratios(ax, points)
+
+
+def clip_ratios(ax, points):
+    """Ratio axes end a little above the largest median ratio (at least 2): one disturbed
+    repetition can stretch a range bar to 50x and flatten every point; finish() says so."""
+    top = max([2.0] + [1.3 * p for p in points])
+    for other in [ax] + list(ax.get_shared_y_axes().get_siblings(ax)):
+        other.clip_top = max(getattr(other, "clip_top", 0), top)
 
 
 def grouped_bars(ax, groups, series, get):
@@ -374,7 +389,7 @@ def memory_section(path, out, info):
                            f"{pas}_max": max(v for (p, s), v in peaks.items() if s == pas) for pas in ("forward", "backward")}}
 
 
-def targets_section(forward, decode, checks, check_length, memory):
+def targets_section(forward, decode, checks, check_length, memory, mode):
     """The project's performance targets, each with the value this run measured and the verdict."""
     rows = []
 
@@ -426,7 +441,8 @@ def targets_section(forward, decode, checks, check_length, memory):
             row(f"{pas} kernel memory at L = 32768 < 64 MiB", f"at most {peak:.1f} MiB", peak < 64)
         else:
             row(f"{pas} kernel memory at L = 32768 < 64 MiB", f"not measured: L = {memory.get('L')} in this run", None)
-    return table_lines("Against the targets (read off the tables below)", ["target", "measured", ""], rows)
+    caveat = "" if mode == "full" else f"; a {mode} run, so few repetitions: indicative only"
+    return table_lines(f"Against the targets (read off the tables below{caveat})", ["target", "measured", ""], rows)
 
 
 BEGIN, END = "<!-- results: begin (bench/report.py writes this part) -->", "<!-- results: end -->"
@@ -457,7 +473,7 @@ def main():
              "Ratios are of times (1.10x = 10 % slower than `none`)."]
     check_lines, check_length = checks_section(checks, out, info)
     memory_lines, memory = memory_section(out / "memory.txt", out, info)
-    lines += targets_section(forward, decode, checks, check_length, memory)
+    lines += targets_section(forward, decode, checks, check_length, memory, info["mode"])
     lines += check_lines
     lines += forward_section(forward, out, info) + causal_speedup(forward)
     if decode:

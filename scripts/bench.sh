@@ -33,14 +33,15 @@ echo "   built in $((SECONDS - build_start)) s"
 
 # Sizes of the two modes. Sweeps repeat every point, interleaved with the other points, so that
 # a slow moment of the shared machine hits every policy alike; the report shows the spread.
+# Quick: the shortest lengths that still show the trend, minimum times of a few iterations.
 if [ $quick = 1 ]; then
-  forward_filter='L:(256|1024)/' forward_repetitions=3
-  decode_filter='Lk:(2048|32768)/' decode_repetitions=3 decode_min_time=0.05
-  backward_filter='^backward/.*/L:1024/' backward_repetitions=3 backward_min_time=0.1
+  forward_filter='L:(256|1024)/' forward_repetitions=3 forward_min_time=0.05
+  decode_filter='Lk:(2048|16384)/' decode_repetitions=3 decode_min_time=0.05
+  backward_filter='^backward/.*/L:1024/' backward_repetitions=3 backward_min_time=0.05
   check_length=1024 check_repetitions=5
   memory_length=2048
 else
-  forward_filter='.*' forward_repetitions=3
+  forward_filter='.*' forward_repetitions=3 forward_min_time=0.2
   decode_filter='.*' decode_repetitions=5 decode_min_time=0.5
   backward_filter='.*' backward_repetitions=3 backward_min_time=0.5
   check_length=4096 check_repetitions=11
@@ -124,7 +125,8 @@ json.dump({
 PY
 
 begin_stage "forward sweep: GFLOP/s over sequence lengths, causal and bidirectional, every policy and the reference kernel"
-run_benchmark forward bench_forward "$forward_filter" "$forward_repetitions" --benchmark_out="$out/forward.json"
+run_benchmark forward bench_forward "$forward_filter" "$forward_repetitions" --benchmark_min_time="$forward_min_time" \
+  --benchmark_out="$out/forward.json"
 end_stage
 
 begin_stage "decode: one step (1 query) over a KV cache, K and V streamed per second"
@@ -139,7 +141,8 @@ end_stage
 
 begin_stage "acceptance checks: forward and backward at L = $check_length, bidirectional, $check_repetitions repetitions"
 checks="/L:$check_length/causal:0"
-run_benchmark checks_forward bench_forward "$checks" "$check_repetitions" --benchmark_out="$logs/checks_forward.json"
+run_benchmark checks_forward bench_forward "$checks" "$check_repetitions" --benchmark_min_time="$forward_min_time" \
+  --benchmark_out="$logs/checks_forward.json"
 run_benchmark checks_backward bench_backward "$checks" "$check_repetitions" \
   --benchmark_min_time="$backward_min_time" --benchmark_out="$logs/checks_backward.json"
 "$python" - "$logs/checks_forward.json" "$logs/checks_backward.json" "$out/targets.json" <<'PY'
