@@ -69,6 +69,12 @@ def machine(info):
     return f"{info['cpu_model']}, {info['cores']} cores, {smt}"
 
 
+def short_description(info):
+    """The caption under every table: mode, date, machine, threads, command."""
+    return (f"{info['mode']} run, {info['date']}, {info['cpu_model']} ({info['cores']} cores), "
+            f"{info['threads']} threads, `{info['command']}`")
+
+
 def describe(info):
     """One line naming the mode, date, machine, threads and command of the run."""
     line = (f"{info['mode']} run, {info['date']}; {machine(info)}; {info['threads']} threads; "
@@ -101,8 +107,10 @@ def time_ratio(runs, base):
 
 
 def repetitions(rows):
-    counts = sorted({len(v) for v in rows.values()})
-    return "-".join(str(c) for c in (counts[0], counts[-1])) if len(counts) > 1 else str(counts[0]) if counts else "0"
+    """'3 repetitions', '1 repetition' or '3-5 repetitions' for a set of benchmarks."""
+    counts = sorted({len(v) for v in rows.values()}) or [0]
+    text = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"{text} repetition" + ("" if counts == [1] else "s")
 
 
 def policies(names):
@@ -220,7 +228,7 @@ def forward_section(rows, out, info):
                 cells.append(f"{median(runs, 'GFLOPS'):.1f}{ratio}" if runs else "-")
             body.append([policy] + cells)
         lines += table_lines(f"Forward, {MODES[causal]}: GFLOP/s, median of {repetitions(table_runs(table))} "
-                             f"repetitions (time / time of `none`)", ["policy"] + [f"L={n}" for n in lengths], body)
+                             f"(time / time of `none`)", ["policy"] + [f"L={n}" for n in lengths], body)
         throughput_lines(ax, table, "GFLOPS", "sequence length L (= Lq = Lk)")
         ax.set_title(f"forward, {MODES[causal]}", fontsize=9)
         ratio_lines(cost_ax, table, "sequence length L (= Lq = Lk)")
@@ -232,7 +240,7 @@ def forward_section(rows, out, info):
            f"({repetitions(rows)} per point)")
     cost_axes[0].set_ylabel("time / time of no bias (1 = no cost)")
     cost_axes[1].legend(fontsize=7, loc="lower right")
-    finish(cost, out, "bias_cost.png", info, f"Cost of each bias in the forward ({repetitions(rows)} repetitions per "
+    finish(cost, out, "bias_cost.png", info, f"Cost of each bias in the forward ({repetitions(rows)} per "
            "point): ratio of median times to no bias;\nthick bar: IQR, thin: range of the ratios of all repetition pairs")
     return lines
 
@@ -262,8 +270,8 @@ def decode_section(rows, out, info):
     ratio_lines(axes[1], table, "cached keys Lk")
     axes[1].set_ylabel("time / time of no bias")
     finish(fig, out, "decode.png", info, f"One decoding step (Lq = 1, causal, 8 heads, d = 64): median of "
-           f"{repetitions(rows)} repetitions; left bars: range, right: IQR (thick) and range of pairs")
-    return table_lines(f"Decode (Lq = 1): K and V streamed, GB/s, median of {repetitions(rows)} repetitions "
+           f"{repetitions(rows)}; left bars: range, right: IQR (thick) and range of pairs")
+    return table_lines(f"Decode (Lq = 1): K and V streamed, GB/s, median of {repetitions(rows)} "
                        "(time / time of `none`)", ["policy"] + [f"Lk={n}" for n in lengths], body)
 
 
@@ -279,7 +287,7 @@ def backward_section(rows, forward_rows, out, info):
             body.append([policy, MODES[causal], length, f"{median(runs):.1f}", f"{median(runs) / median(fwd):.2f}x" if fwd else "-",
                          f"{time_ratio(runs, base)[0]:.2f}x" if base else "-"])
     lines = table_lines(f"Backward with the bias gradient: median ms of {repetitions(select_pass(rows, 'backward'))} "
-                        "repetitions (/ the same policy's forward; / backward of `none`)",
+                        "(/ the same policy's forward; / backward of `none`)",
                         ["policy", "mode", "L", "backward ms", "/ forward", "/ backward none"], body)
     groups = [f"L={n} {MODES[c]}" for n, c in shapes]
     names = policies({p for (pas, p, _) in rows if pas == "backward"})
@@ -305,7 +313,7 @@ def backward_section(rows, forward_rows, out, info):
     axes[1].set_ylabel("time / time of no bias")
     axes[1].set_title("cost of the bias: ratio of medians, bars: range of repetition pairs", fontsize=9)
     finish(fig, out, "backward.png", info, f"Backward with the bias-parameter gradient (fp32, 8 heads, d = 64), "
-           f"{repetitions(select_pass(rows, 'backward'))} repetition(s) per bar")
+           f"{repetitions(select_pass(rows, 'backward'))} per bar")
     return lines + mqa_table(rows)
 
 
@@ -338,7 +346,7 @@ def checks_section(rows, out, info):
                          f"{time_ratio(runs, base)[0]:.2f}x" if base else "-", f"{best:.0f}",
                          f"{best / min(r['real_time'] for r in base):.2f}x" if base else "-"])
     count = repetitions(rows)
-    lines = table_lines(f"Acceptance checks, L = {length}, bidirectional: {count} interleaved repetitions",
+    lines = table_lines(f"Acceptance checks, L = {length}, bidirectional: {count}, interleaved",
                         ["pass", "policy", "median ms", "median GFLOP/s", "/ none (medians)", "best ms", "/ none (bests)"], body)
 
     def cost(pas, policy):
@@ -364,7 +372,7 @@ def checks_section(rows, out, info):
     ax.set_ylabel("time / time of no bias (1 = no cost)")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    finish(fig, out, "checks.png", info, f"Cost of each bias at L = {length}, bidirectional, {count} interleaved repetitions:\n"
+    finish(fig, out, "checks.png", info, f"Cost of each bias at L = {length}, bidirectional, {count}, interleaved:\n"
            "ratio of medians; thick bar: IQR, thin: range of all repetition pairs")
     return lines, length
 
@@ -481,6 +489,8 @@ def main():
     if backward:
         lines += backward_section(backward, forward, out, info)
     lines += memory_lines
+    caption = f"_{short_description(info)}_"
+    lines = [line + f"\n{caption}\n" if line.startswith("\n### ") else line for line in lines]
     (out / "results.md").write_text("# relbias benchmark results\n\n" + "\n".join(lines) + "\n")
     print(f"   wrote {out / 'results.md'} and the plots beside it")
     if args.readme:
