@@ -150,15 +150,18 @@ def finish(fig, out, name, info, title):
 
 def throughput_lines(ax, table, counter, xlabel):
     """Median throughput per policy over the swept argument, bars from slowest to fastest."""
+    points = []
     for policy in policies(table):
         xs = sorted(table[policy])
         mid = [median(table[policy][x], counter) for x in xs]
+        points += mid
         lo, hi = zip(*(spread(table[policy][x], counter) for x in xs))
         ax.errorbar(xs, mid, yerr=[np.subtract(mid, lo), np.subtract(hi, mid)], marker="o", ms=3, capsize=2,
                     label=policy, color=COLORS.get(policy), linestyle="--" if policy.startswith("reference") else "-")
     ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.grid(True, alpha=0.3)
+    clip_axis(ax, points, 0.0)
 
 
 def ratio_lines(ax, table, xlabel):
@@ -180,13 +183,13 @@ def ratio_lines(ax, table, xlabel):
     ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.grid(True, alpha=0.3)
-    clip_ratios(ax, points)
+    clip_axis(ax, points, 2.0)
 
 
-def clip_ratios(ax, points):
-    """Ratio axes end a little above the largest median ratio (at least 2): one disturbed
-    repetition can stretch a range bar to 50x and flatten every point; finish() says so."""
-    top = max([2.0] + [1.3 * p for p in points])
+def clip_axis(ax, points, least):
+    """The axis ends a little above the largest median (and at least at `least`): one disturbed
+    repetition can stretch a range bar tenfold and flatten every point; finish() says so."""
+    top = max([least] + [1.3 * p for p in points])
     for other in [ax] + list(ax.get_shared_y_axes().get_siblings(ax)):
         other.clip_top = max(getattr(other, "clip_top", 0), top)
 
@@ -357,7 +360,7 @@ def checks_section(rows, out, info):
         return mid, q1, q3, lo, hi
 
     fig, ax = plt.subplots(figsize=(10, 4.8))
-    names = [p for p in policies({p for (_, p, _) in rows}) if p != "none"]
+    names = [p for p in policies({p for (_, p, _) in rows}) if p not in ("none", "reference/none")]
     for n, pas in enumerate(("forward", "backward")):
         cells = [(i, cost(pas, p)) for i, p in enumerate(names)]
         cells = [(i + (n - 0.5) * 0.38, c) for i, c in cells if c]
