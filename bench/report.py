@@ -71,8 +71,7 @@ def machine(info):
 
 def short_description(info):
     """The caption under every table: mode, date, machine, threads, command."""
-    return (f"{info['mode']} run, {info['date']}, {info['cpu_model']} ({info['cores']} cores), "
-            f"{info['threads']} threads, `{info['command']}`")
+    return f"{info['mode']} run, {info['date']}, {machine(info)}, {info['threads']} threads, `{info['command']}`"
 
 
 def describe(info):
