@@ -105,7 +105,8 @@ class alibi {
       throw std::invalid_argument("relbias::alibi: slopes need one value per head (non-empty, with data), got " +
                                   std::to_string(slopes.size()) + " values");
     detail::check_alibi_heads("relbias::alibi", index_t(slopes.size()));
-    slopes_ = Eigen::Map<const param_vector<Scalar>>(slopes.data(), index_t(slopes.size()));
+    slopes_.resize(index_t(slopes.size()));
+    for (index_t h = 0; h < slopes_.size(); ++h) slopes_[h] = slopes[std::size_t(h)];  // a plain loop, as in sgd::step
     validate();
   }
 

@@ -155,6 +155,25 @@ void check_outputs(const char* where, const tensor_view<const S>& q, const tenso
 
 namespace relbias::detail {
 
+/// The largest |lse| the backward accepts: 2^16 (float), 2^45 (double). Beyond it lse's own
+/// rounding (ulp >= 2^-8) makes exp(score - lse) lose more than 8 bits (at 2^53 a double lse
+/// cannot tell eight tied keys from one, and P would sum to 8): scores of that size are beyond
+/// the precision of the scalar type, so the backward says so instead of returning wrong gradients.
+template <class S>
+constexpr S lse_limit() noexcept {
+  return S(index_t(1) << (std::numeric_limits<S>::digits - 8));
+}
+
+template <class S>
+void check_lse_precision(const char* where, std::span<const S> lse) {
+  for (std::size_t n = 0; n < lse.size(); ++n)
+    if (std::isfinite(lse[n]) && std::abs(lse[n]) >= lse_limit<S>())
+      fail(where, "lse[" + std::to_string(n) + "] = " + std::to_string(double(lse[n])) + ": |lse| >= " +
+                      std::to_string(double(lse_limit<S>())) +
+                      " leaves exp(score - lse) fewer than 8 correct bits (scores + bias beyond the scalar type's precision; "
+                      "use double, or keep a near key visible)");
+}
+
 /// The backward pass's extra tensors: o and d_out [B, Lq, Hq, Dv], lse of B * Hq * Lq values,
 /// dq/dk/dv shaped like q/k/v, and bias_grad either empty or of the policy's parameter count.
 template <class S>
@@ -173,6 +192,7 @@ void check_backward(const char* where, const tensor_view<const S>& q, const tens
   const auto expected = std::size_t(checked_product(where, "lse size batch * heads * Lq", {q.batch, q.heads, q.seq}));
   if (lse.size() != expected)
     fail(where, "lse must hold batch * heads * Lq = " + std::to_string(expected) + " values, got " + std::to_string(lse.size()));
+  check_lse_precision(where, lse);
   if (bias_grad_size != 0 && bias_grad_size != parameter_count)
     fail(where, "bias_grad must be empty or hold the policy's " + std::to_string(parameter_count) +
                     " parameters, got " + std::to_string(bias_grad_size));
