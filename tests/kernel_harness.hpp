@@ -129,8 +129,10 @@ double finite_scale(std::span<const S> values) {
 /// infinite gradient_tolerance checks only that the fused gradients have no NaN the reference
 /// lacks (huge inputs make the gradients' rounding noise larger than the gradients).
 template <class S>
-std::string compare_pair(const kernel_pair<S>& r, double tolerance, double gradient_tolerance = -1) {
+std::string compare_pair(const kernel_pair<S>& r, double tolerance, double gradient_tolerance = -1,
+                         double bias_gradient_tolerance = -1) {
   if (gradient_tolerance < 0) gradient_tolerance = tolerance;
+  if (bias_gradient_tolerance < 0) bias_gradient_tolerance = gradient_tolerance;
   if (r.backward_unrejected) return "a backward kernel accepted an lse beyond detail::lse_limit";
   std::string miss = compare_values<S>("O", values_of(r.fused.out), values_of(r.reference.out), tolerance);
   if (miss.empty()) miss = compare_values<S>("lse", r.fused.lse, r.reference.lse, tolerance);
@@ -140,7 +142,9 @@ std::string compare_pair(const kernel_pair<S>& r, double tolerance, double gradi
   grad("dq", values_of(r.fused_grad.dq), values_of(r.reference_grad.dq));
   grad("dk", values_of(r.fused_grad.dk), values_of(r.reference_grad.dk));
   grad("dv", values_of(r.fused_grad.dv), values_of(r.reference_grad.dv));
-  grad("bias_grad", r.fused_grad.bias_grad, r.reference_grad.bias_grad);
+  if (miss.empty())
+    miss = compare_values<S>("bias_grad", r.fused_grad.bias_grad, r.reference_grad.bias_grad, bias_gradient_tolerance,
+                             finite_scale<S>(r.reference_grad.bias_grad), false);
   return miss;
 }
 
