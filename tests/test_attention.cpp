@@ -47,7 +47,8 @@ double fused_vs_reference(const Bias& bias, const case_shape& c, const attention
   attention_result<S> got{tensor<S>(c.batch, c.lq, c.hq, c.dim_v), std::vector<S>(std::size_t(c.batch * c.hq * c.lq))};
   const detail::forward_problem<S> pb{q.view(), k.view(), v.view(), got.out.view(), std::span<S>(got.lse),
                                       options, options.scale_for(c.dim), c.hq / c.hk, tiles};
-  detail::fused_forward(pb, detail::make_bias_plan(bias, options.window(c.lq, c.lk), detail::thread_count(options.num_threads)));
+  const detail::batch_layout layout = detail::make_layout(options, c.batch, c.lq, c.lk);
+  detail::fused_forward(pb, layout, detail::make_bias_plan(bias, detail::visited_window(layout), detail::thread_count(options.num_threads)));
 
   double worst = max_relative_error<S>(got.out.view(), expected.out.view());
   for (std::size_t n = 0; n < got.lse.size(); ++n) {
