@@ -1,6 +1,7 @@
 // The fused forward against the reference kernel.
 #include "catch.hpp"
 #include "random_tensors.hpp"
+#include "user_policies.hpp"
 
 #include <relbias/attention.hpp>
 #include <relbias/bias/alibi.hpp>
@@ -14,21 +15,13 @@
 using namespace relbias;
 using relbias_test::max_relative_error;
 using relbias_test::random_tensor;
+using relbias_test::wave_bias;
 using relbias_test::to_bhsd;
 
 namespace {
 
 struct case_shape {
   index_t batch = 1, lq = 5, lk = 5, hq = 2, hk = 2, dim = 8, dim_v = 8;
-};
-
-// A user-defined policy without fast paths: exercises the per-element fallback.
-template <class S>
-struct wave_bias {
-  using scalar_type = S;
-  index_t heads;
-  index_t num_heads() const { return heads; }
-  S operator()(index_t h, index_t i, index_t j) const { return S(0.3) * std::sin(S(0.1) * S(i) + S(0.7) * S(j + h)); }
 };
 
 template <class S>

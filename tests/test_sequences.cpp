@@ -4,6 +4,7 @@
 #include "catch.hpp"
 #include "gradient_check.hpp"
 #include "random_tensors.hpp"
+#include "user_policies.hpp"
 
 #include <relbias/attention.hpp>
 #include <relbias/attention_backward.hpp>
@@ -27,37 +28,10 @@
 
 using namespace relbias;
 using relbias_test::random_tensor;
+using relbias_test::learned_wave;
+using relbias_test::wave_bias;
 
 namespace {
-
-// A user policy without fast paths (per-element plan).
-template <class S>
-struct wave_bias {
-  using scalar_type = S;
-  index_t heads;
-  index_t num_heads() const { return heads; }
-  S operator()(index_t h, index_t i, index_t j) const { return S(0.3) * std::sin(S(0.1) * S(i) + S(0.7) * S(j + h)); }
-};
-
-// A learned user policy with only the per-cell gradient: bias(h, i, j) = a_h sin(0.3 i - 0.5 j).
-template <class S>
-class learned_wave {
- public:
-  using scalar_type = S;
-  static constexpr bool is_learned = true;
-  explicit learned_wave(index_t heads) : amplitude_(param_vector<S>::LinSpaced(heads, S(0.5), S(1.5))) {}
-  index_t num_heads() const { return amplitude_.size(); }
-  S operator()(index_t h, index_t i, index_t j) const { return amplitude_[h] * wave(i, j); }
-  Eigen::Map<param_vector<S>> parameters() { return {amplitude_.data(), amplitude_.size()}; }
-  Eigen::Map<const param_vector<S>> parameters() const { return {amplitude_.data(), amplitude_.size()}; }
-  void accumulate_gradient(index_t h, index_t i, index_t j, S d_bias, std::span<S> grad) const {
-    grad[std::size_t(h)] += d_bias * wave(i, j);
-  }
-
- private:
-  static S wave(index_t i, index_t j) { return std::sin(S(0.3) * S(i) - S(0.5) * S(j)); }
-  param_vector<S> amplitude_;
-};
 
 constexpr index_t heads = 4, kv_heads = 2, dim = 8, dim_v = 6;
 constexpr detail::tile_shape small_tiles{.rows = 4, .cols = 8};
@@ -136,19 +110,27 @@ struct result {
   std::vector<S> bias_grad;
 };
 
+/// Outputs and gradients shaped for p, the bias gradient zeroed (empty without parameters).
+template <class Bias, class S = typename Bias::scalar_type>
+result<S> empty_result(const Bias& bias, const problem<S>& p) {
+  const auto q = p.q.view(), k = p.k.view();
+  result<S> r{tensor<S>(q.batch, q.seq, heads, dim_v), std::vector<S>(std::size_t(q.batch * heads * q.seq)),
+              tensor<S>(q.batch, q.seq, heads, dim), tensor<S>(k.batch, k.seq, kv_heads, dim),
+              tensor<S>(k.batch, k.seq, kv_heads, dim_v), {}};
+  if constexpr (learned_bias<Bias>) r.bias_grad.assign(std::size_t(bias.parameters().size()), S(0));
+  return r;
+}
+
 /// Fused forward and backward with the given tiles through the kernels' own entry (the public
 /// functions fix the tiles at 64 x 256; these test many tiles on small inputs).
 template <class Bias, class S = typename Bias::scalar_type>
 result<S> run_fused(const Bias& bias, const problem<S>& p, const attention_options<S>& options) {
   const auto q = p.q.view(), k = p.k.view(), v = p.v.view();
-  result<S> r{tensor<S>(q.batch, q.seq, heads, dim_v), std::vector<S>(std::size_t(q.batch * heads * q.seq)),
-              tensor<S>(q.batch, q.seq, heads, dim), tensor<S>(k.batch, k.seq, kv_heads, dim),
-              tensor<S>(k.batch, k.seq, kv_heads, dim_v), {}};
+  result<S> r = empty_result(bias, p);
   const detail::forward_problem<S> fp{q, k, v, r.o.view(), std::span<S>(r.lse), options, options.scale_for(dim), heads / kv_heads,
                                       small_tiles};
   const detail::batch_layout layout = detail::make_layout(options, q.batch, q.seq, k.seq);
   detail::fused_forward(fp, layout, detail::make_bias_plan(bias, detail::visited_window(layout), 1));
-  if constexpr (learned_bias<Bias>) r.bias_grad.assign(std::size_t(bias.parameters().size()), S(0));
   detail::backward_problem<S> bp{q, k, v, r.o.view(), p.d_out.view(), r.lse, r.dq.view(), r.dk.view(), r.dv.view(),
                                  options, options.scale_for(dim), heads / kv_heads, small_tiles};
   detail::run_backward(bp, bias, std::span<S>(r.bias_grad));
@@ -158,11 +140,8 @@ result<S> run_fused(const Bias& bias, const problem<S>& p, const attention_optio
 template <class Bias, class S = typename Bias::scalar_type>
 result<S> run_reference(const Bias& bias, const problem<S>& p, const attention_options<S>& options) {
   const auto q = p.q.view(), k = p.k.view(), v = p.v.view();
-  result<S> r{tensor<S>(q.batch, q.seq, heads, dim_v), std::vector<S>(std::size_t(q.batch * heads * q.seq)),
-              tensor<S>(q.batch, q.seq, heads, dim), tensor<S>(k.batch, k.seq, kv_heads, dim),
-              tensor<S>(k.batch, k.seq, kv_heads, dim_v), {}};
+  result<S> r = empty_result(bias, p);
   reference_attention(q, k, v, bias, options, r.o.view(), std::span<S>(r.lse));
-  if constexpr (learned_bias<Bias>) r.bias_grad.assign(std::size_t(bias.parameters().size()), S(0));
   reference_attention_backward(q, k, v, r.o.view(), p.d_out.view(), std::span<const S>(r.lse), bias, options, r.dq.view(),
                                r.dk.view(), r.dv.view(), std::span<S>(r.bias_grad));
   return r;
