@@ -1,6 +1,7 @@
 // The fused forward against the reference kernel.
 #include "catch.hpp"
 #include "random_tensors.hpp"
+#include "user_policies.hpp"
 
 #include <relbias/attention.hpp>
 #include <relbias/bias/alibi.hpp>
@@ -14,21 +15,13 @@
 using namespace relbias;
 using relbias_test::max_relative_error;
 using relbias_test::random_tensor;
+using relbias_test::wave_bias;
 using relbias_test::to_bhsd;
 
 namespace {
 
 struct case_shape {
   index_t batch = 1, lq = 5, lk = 5, hq = 2, hk = 2, dim = 8, dim_v = 8;
-};
-
-// A user-defined policy without fast paths: exercises the per-element fallback.
-template <class S>
-struct wave_bias {
-  using scalar_type = S;
-  index_t heads;
-  index_t num_heads() const { return heads; }
-  S operator()(index_t h, index_t i, index_t j) const { return S(0.3) * std::sin(S(0.1) * S(i) + S(0.7) * S(j + h)); }
 };
 
 template <class S>
@@ -47,7 +40,8 @@ double fused_vs_reference(const Bias& bias, const case_shape& c, const attention
   attention_result<S> got{tensor<S>(c.batch, c.lq, c.hq, c.dim_v), std::vector<S>(std::size_t(c.batch * c.hq * c.lq))};
   const detail::forward_problem<S> pb{q.view(), k.view(), v.view(), got.out.view(), std::span<S>(got.lse),
                                       options, options.scale_for(c.dim), c.hq / c.hk, tiles};
-  detail::fused_forward(pb, detail::make_bias_plan(bias, options.window(c.lq, c.lk), detail::thread_count(options.num_threads)));
+  const detail::batch_layout layout = detail::make_layout(options, c.batch, c.lq, c.lk);
+  detail::fused_forward(pb, layout, detail::make_bias_plan(bias, detail::visited_window(layout), detail::thread_count(options.num_threads)));
 
   double worst = max_relative_error<S>(got.out.view(), expected.out.view());
   for (std::size_t n = 0; n < got.lse.size(); ++n) {

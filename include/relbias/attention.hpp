@@ -4,15 +4,18 @@
 //
 //   O = softmax(scale * Q K^T + B + mask) V,   B[r][c] = bias(h, q_start + r, k_start + c)
 //
-// Work items are (batch, head, query tile), listed most expensive first and handed out
+// Work items are (sequence, head, query tile), listed most expensive first and handed out
 // dynamically, so causal attention (whose late query tiles see more keys) stays balanced.
-// Causal key tiles entirely after a query tile's last position are never visited.
+// A query tile visits only the key tiles that meet its rows' visible keys (sequences.hpp):
+// causal tiles after its last position, keys outside a sliding window, padding and other
+// packed sequences are never touched.
 
 #include "relbias/attention_options.hpp"
 #include "relbias/attention_reference.hpp"
 #include "relbias/concepts.hpp"
 #include "relbias/detail/bias_plan.hpp"
 #include "relbias/detail/checks.hpp"
+#include "relbias/detail/layout.hpp"
 #include "relbias/detail/parallel.hpp"
 #include "relbias/offset.hpp"
 #include "relbias/tensor.hpp"
@@ -47,13 +50,7 @@ struct forward_problem {
   index_t group;  // query heads per key/value head
   tile_shape tiles;
 
-  index_t query_tiles() const { return (q.seq + tiles.rows - 1) / tiles.rows; }
-  /// Keys [0, end) that some row of the query tile starting at r0 may see.
-  index_t visible_key_end(index_t r0, index_t br) const {
-    if (options.mask == masking::bidirectional) return k.seq;
-    const index_t last_query = query_position(options.q_start, r0 + br - 1);
-    return std::clamp<index_t>(last_query - options.k_start + 1, 0, k.seq);
-  }
+  index_t lse_index(index_t b, index_t h, index_t row) const { return (b * q.heads + h) * q.seq + row; }
 };
 
 template <class S>
@@ -101,43 +98,54 @@ void normalise_row(S row_max, S row_sum, const AccumulatorRow& accumulator_row, 
 }
 
 template <class S, class Plan>
-void forward_query_tile(const forward_problem<S>& pb, const Plan& plan, index_t b, index_t h, index_t r0,
-                        forward_scratch<S>& s) {
-  const index_t br = std::min(pb.tiles.rows, pb.q.seq - r0);
+void forward_query_tile(const forward_problem<S>& pb, const Plan& plan, const offset_band& band, const sequence& seq,
+                        const query_tile& tile, index_t h, forward_scratch<S>& s) {
+  const index_t br = tile.rows, b = seq.batch, first_row = seq.q_begin + tile.r0;
   const index_t kv_head = h / pb.group;
-  const auto q_tile = pb.q.rows(b, h, r0, br);  // (Br, D)
-  auto acc = s.accumulator.topRows(br);          // (Br, Dv)
+  const auto q_tile = pb.q.rows(b, h, first_row, br);  // (Br, D)
+  auto acc = s.accumulator.topRows(br);                 // (Br, Dv)
   acc.setZero();
   s.row_max.setConstant(-std::numeric_limits<S>::infinity());
   s.row_sum.setZero();
 
-  const index_t key_end = pb.visible_key_end(r0, br);
-  for (index_t c0 = 0; c0 < key_end; c0 += pb.tiles.cols) {
-    const index_t bc = std::min(pb.tiles.cols, key_end - c0);
-    const index_t j0 = key_position(pb.options.k_start, c0);
+  for (index_t c0 = tile.keys.begin; c0 < tile.keys.end; c0 += pb.tiles.cols) {
+    const index_t bc = std::min(pb.tiles.cols, tile.keys.end - c0);
+    const index_t j0 = key_position(seq.k_start, c0);
     auto scores = s.scores.topLeftCorner(br, bc);  // (Br, Bc)
-    scores.noalias() = pb.scale * (q_tile * pb.k.rows(b, kv_head, c0, bc).transpose());
+    scores.noalias() = pb.scale * (q_tile * pb.k.rows(b, kv_head, seq.k_begin + c0, bc).transpose());
     for (index_t r = 0; r < br; ++r) {
-      const index_t i = query_position(pb.options.q_start, r0 + r);
+      const index_t i = query_position(seq.q_start, tile.r0 + r);
+      const index_range visible = band.visible_keys(i, j0, bc);  // one interval: no test per key
       S* row = &scores(r, 0);
-      const index_t visible = visible_key_count(pb.options.mask, i, j0, bc);
-      plan.add_row(h, i, j0, visible, row);
-      online_softmax_row(row, visible, bc, s.row_max[r], s.row_sum[r], acc.row(r));
+      std::fill(row, row + visible.begin, S(0));
+      plan.add_row(h, i, j0 + visible.begin, visible.size(), row + visible.begin);
+      online_softmax_row(row + visible.begin, visible.size(), bc - visible.begin, s.row_max[r], s.row_sum[r], acc.row(r));
     }
-    acc.noalias() += scores * pb.v.rows(b, kv_head, c0, bc);  // (Br, Dv)
+    acc.noalias() += scores * pb.v.rows(b, kv_head, seq.k_begin + c0, bc);  // (Br, Dv)
   }
 
-  auto out = pb.o.rows(b, h, r0, br);  // (Br, Dv)
+  auto out = pb.o.rows(b, h, first_row, br);  // (Br, Dv)
   for (index_t r = 0; r < br; ++r) {
-    S* lse = pb.lse.empty() ? nullptr : &pb.lse[std::size_t((b * pb.q.heads + h) * pb.q.seq + r0 + r)];
+    S* lse = pb.lse.empty() ? nullptr : &pb.lse[std::size_t(pb.lse_index(b, h, first_row + r))];
     normalise_row(s.row_max[r], s.row_sum[r], acc.row(r), out.row(r), lse);
   }
 }
 
+/// Rows of q outside every sequence (padding) get the result of a row that sees no key.
+template <class S>
+void clear_rows_outside(const forward_problem<S>& pb, const batch_layout& layout) {
+  for_each_row_outside(layout, pb.q.batch, pb.q.seq, true, [&](index_t b, index_t r) {
+    zero_row(pb.o, b, r);
+    if (!pb.lse.empty())
+      for (index_t h = 0; h < pb.q.heads; ++h) pb.lse[std::size_t(pb.lse_index(b, h, r))] = -std::numeric_limits<S>::infinity();
+  });
+}
+
 template <class S, class Plan>
-void fused_forward(const forward_problem<S>& pb, const Plan& plan) {
-  const index_t heads = pb.q.batch * pb.q.heads;
-  const index_t tiles = pb.query_tiles();
+void fused_forward(const forward_problem<S>& pb, const batch_layout& layout, const Plan& plan) {
+  clear_rows_outside(pb, layout);
+  const std::vector<query_tile> tiles = query_tiles(layout, pb.tiles.rows);  // most keys first
+  const index_t heads = pb.q.heads;
   auto make_scratch = [&] {
     forward_scratch<S> s;
     s.scores.resize(pb.tiles.rows, pb.tiles.cols);
@@ -146,12 +154,10 @@ void fused_forward(const forward_problem<S>& pb, const Plan& plan) {
     s.row_sum.resize(pb.tiles.rows);
     return s;
   };
-  // Item order: the last query tile of every (batch, head) first; it sees the most keys.
-  parallel_items(heads * tiles, thread_count(pb.options.num_threads), make_scratch,
+  parallel_items(index_t(tiles.size()) * heads, thread_count(pb.options.num_threads), make_scratch,
                  [&](index_t item, forward_scratch<S>& s) {
-                   const index_t tile = tiles - 1 - item / heads;
-                   const index_t bh = item % heads;
-                   forward_query_tile(pb, plan, bh / pb.q.heads, bh % pb.q.heads, tile * pb.tiles.rows, s);
+                   const query_tile& tile = tiles[std::size_t(item / heads)];
+                   forward_query_tile(pb, plan, layout.band, layout.sequences[tile.sequence], tile, item % heads, s);
                  });
 }
 
@@ -164,6 +170,8 @@ void fused_forward(const forward_problem<S>& pb, const Plan& plan) {
 /// or +inf score among a row's visible keys makes its O and lse NaN. Throws
 /// std::invalid_argument for bad shapes, positions outside [0, 2^62], outputs that overlap
 /// inputs or themselves, a policy whose mode() contradicts options.mask (README, "Errors").
+/// options.sequences runs a padded, packed or decoding batch in one call, options.sliding_window
+/// local attention (sequences.hpp); rows of q outside every sequence are such rows.
 template <bias_policy Bias, class S = typename Bias::scalar_type>
 void attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v, const Bias& bias,
                const attention_options<S>& options, output_tensor<S> o, output_span<S> lse = {}) {
@@ -171,13 +179,15 @@ void attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v, const Bi
   constexpr const char* where = "relbias::attention";
   detail::check_qkv(where, q, k, v, index_t(bias.num_heads()), options);
   detail::check_bias_mode(where, bias, options);
+  detail::check_sequences(where, q, k, options);
   detail::check_outputs(where, q, v, o, lse, false);
   detail::check_no_aliasing(where, {detail::block_of("o", o), detail::block_of("lse", lse)},
                             {detail::block_of("q", q), detail::block_of("k", k), detail::block_of("v", v), detail::parameter_block(bias)});
 
   const detail::forward_problem<S> pb{q, k, v, o, lse, options, options.scale_for(q.dim), q.heads / k.heads, {}};
-  const auto plan = detail::make_bias_plan(bias, options.window(q.seq, k.seq), detail::thread_count(options.num_threads));
-  detail::fused_forward(pb, plan);
+  const detail::batch_layout layout = detail::make_layout(options, q.batch, q.seq, k.seq);
+  const auto plan = detail::make_bias_plan(bias, detail::visited_window(layout), detail::thread_count(options.num_threads));
+  detail::fused_forward(pb, layout, plan);
 }
 
 /// Fused forward returning owning O and lse.
@@ -186,6 +196,7 @@ attention_result<S> attention(input_tensor<S> q, input_tensor<S> k, input_tensor
                               const attention_options<S>& options = {}) {
   detail::check_qkv("relbias::attention", q, k, v, index_t(bias.num_heads()), options);
   detail::check_result_sizes("relbias::attention", q, v);
+  detail::check_sequences("relbias::attention", q, k, options);
   attention_result<S> result{tensor<S>(q.batch, q.seq, q.heads, v.dim), std::vector<S>(std::size_t(q.batch * q.heads * q.seq))};
   attention(q, k, v, bias, options, result.out.view(), std::span<S>(result.lse));
   return result;

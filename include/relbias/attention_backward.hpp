@@ -6,7 +6,11 @@
 //   dP = dO V^T      dS = P o (dP - rowsum(dO o O))
 //   dQ += scale dS K      dK += scale dS^T Q      bias gradient <- dS
 //
-// Determinism: a work item is one (batch, key/value head) with every query head of its group,
+// Only the tiles the forward visits are visited: per key tile, the query rows that see one of
+// its keys (sequences.hpp); padding, other packed sequences and keys outside a sliding window
+// never are.
+//
+// Determinism: a work item is one (sequence, key/value head) with every query head of its group,
 // so it owns its rows of dQ, dK and dV outright (GQA sums over the group inside the item, in a
 // fixed order). With fewer such groups than threads (multi-query attention at batch 1) a group's
 // query heads are split into slices, each summing dK and dV into a buffer of its own; the buffers
@@ -20,6 +24,7 @@
 #include "relbias/detail/bias_gradient.hpp"
 #include "relbias/detail/bias_plan.hpp"
 #include "relbias/detail/checks.hpp"
+#include "relbias/detail/layout.hpp"
 #include "relbias/detail/parallel.hpp"
 #include "relbias/tensor.hpp"
 
@@ -46,21 +51,18 @@ struct backward_problem {
   index_t group;
   tile_shape tiles{.rows = 64, .cols = 128};
   std::vector<S> row_delta{};  // [b][h][row]: rowsum(dO o O), the softmax backward's correction
+  batch_layout layout{};       // set by run_backward
 
   index_t lse_index(index_t b, index_t h, index_t r) const { return (b * q.heads + h) * q.seq + r; }
-  /// First query row that sees a key at or after position j0 (causal), else 0.
-  index_t first_visible_row(index_t j0) const {
-    if (options.mask == masking::bidirectional) return 0;
-    return std::clamp<index_t>(j0 - options.q_start, 0, q.seq);
-  }
 };
 
-/// What one work item computes: for batch b and key/value head kv_head, the query heads
+/// What one work item computes: for one sequence and key/value head kv_head, the query heads
 /// first_head, first_head + head_step, ... of the group, with dK and dV summed into dk and dv
-/// (single-head views: the user's tensors, or the slice's own buffers).
+/// (single-head views of the sequence's key rows: the user's tensors, or the slice's buffers).
 template <class S>
 struct backward_work {
-  index_t b, kv_head, first_head, head_step;
+  const sequence* seq;
+  index_t kv_head, first_head, head_step;
   tensor_view<S> dk, dv;
 };
 
@@ -87,85 +89,103 @@ std::vector<S> output_row_deltas(const tensor_view<const S>& o, const tensor_vie
   return delta;
 }
 
-/// Rebuilds P for a (Br, Bc) tile in place: exp(score + bias - lse), 0 where masked or where the
-/// row sees no key at all (lse = -inf).
+/// The columns of a tile (Bc keys from position j0) that query i sees: none when the row sees
+/// no key at all (lse = -inf).
+template <class S>
+index_range row_keys(const backward_problem<S>& pb, S lse, index_t i, index_t j0, index_t bc) {
+  if (lse == -std::numeric_limits<S>::infinity()) return {};
+  return pb.layout.band.visible_keys(i, j0, bc);
+}
+
+/// Rebuilds P for a (Br, Bc) tile in place: exp(score + bias - lse) over each row's visible
+/// columns, exact zeros elsewhere (as in the forward).
 template <class S, class Plan, class Tile>
-void recompute_probabilities(const backward_problem<S>& pb, const Plan& plan, Tile& p, index_t b, index_t h,
+void recompute_probabilities(const backward_problem<S>& pb, const Plan& plan, Tile& p, const sequence& seq, index_t h,
                              index_t r0, index_t j0) {
   for (index_t r = 0; r < p.rows(); ++r) {
-    const index_t i = query_position(pb.options.q_start, r0 + r);
-    const S lse = pb.lse[std::size_t(pb.lse_index(b, h, r0 + r))];
+    const index_t i = query_position(seq.q_start, r0 + r);
+    const S lse = pb.lse[std::size_t(pb.lse_index(seq.batch, h, seq.q_begin + r0 + r))];
     S* row = &p(r, 0);
-    const index_t visible = lse == -std::numeric_limits<S>::infinity() ? 0 : visible_key_count(pb.options.mask, i, j0, p.cols());
-    std::fill(row + visible, row + p.cols(), S(0));  // exact zeros, as in the forward
-    plan.add_row(h, i, j0, visible, row);
-    Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> scores(row, visible);
+    const index_range visible = row_keys(pb, lse, i, j0, p.cols());
+    std::fill(row, row + visible.begin, S(0));
+    std::fill(row + visible.end, row + p.cols(), S(0));
+    plan.add_row(h, i, j0 + visible.begin, visible.size(), row + visible.begin);
+    Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> scores(row + visible.begin, visible.size());
     scores = (scores - lse).exp();
   }
 }
 
-/// One (query tile, key tile) pair of one query head: every product of the backward pass.
+/// One (query tile, key tile) pair of one query head of a sequence (rows r0.., columns c0..
+/// relative to its first query and key): every product of the backward pass.
 template <class S, class Plan, class Accumulator>
 void backward_tile(const backward_problem<S>& pb, const Plan& plan, Accumulator* bias_grad, backward_scratch<S>& s,
                    const backward_work<S>& work, index_t h, index_t r0, index_t br, index_t c0, index_t bc) {
-  const index_t b = work.b, kv_head = work.kv_head;
-  const index_t j0 = key_position(pb.options.k_start, c0);
-  const auto q_tile = pb.q.rows(b, h, r0, br);          // (Br, D)
-  const auto d_out_tile = pb.d_out.rows(b, h, r0, br);  // (Br, Dv)
-  const auto k_tile = pb.k.rows(b, kv_head, c0, bc);    // (Bc, D)
-  const auto v_tile = pb.v.rows(b, kv_head, c0, bc);    // (Bc, Dv)
+  const sequence& seq = *work.seq;
+  const index_t b = seq.batch, kv_head = work.kv_head, first_row = seq.q_begin + r0;
+  const index_t j0 = key_position(seq.k_start, c0);
+  const auto q_tile = pb.q.rows(b, h, first_row, br);                  // (Br, D)
+  const auto d_out_tile = pb.d_out.rows(b, h, first_row, br);          // (Br, Dv)
+  const auto k_tile = pb.k.rows(b, kv_head, seq.k_begin + c0, bc);     // (Bc, D)
+  const auto v_tile = pb.v.rows(b, kv_head, seq.k_begin + c0, bc);     // (Bc, Dv)
 
   auto p = s.probabilities.topLeftCorner(br, bc);     // (Br, Bc)
   auto dp = s.d_probabilities.topLeftCorner(br, bc);  // (Br, Bc)
   p.noalias() = pb.scale * (q_tile * k_tile.transpose());
-  recompute_probabilities(pb, plan, p, b, h, r0, j0);
+  recompute_probabilities(pb, plan, p, seq, h, r0, j0);
   work.dv.rows(0, 0, c0, bc).noalias() += p.transpose() * d_out_tile;
 
   dp.noalias() = d_out_tile * v_tile.transpose();
   for (index_t r = 0; r < br; ++r) {  // dS = P o (dP - delta) over the visible keys, written over P
-    const index_t i = query_position(pb.options.q_start, r0 + r);
-    const S delta = pb.row_delta[std::size_t(pb.lse_index(b, h, r0 + r))];
-    const index_t visible = visible_key_count(pb.options.mask, i, j0, bc);  // hidden keys keep dS = 0, even in a NaN row
-    p.row(r).head(visible).array() *= dp.row(r).head(visible).array() - delta;
-    if (bias_grad) bias_grad->add_row(h, i, j0, bc, &p(r, 0));
+    const std::size_t row = std::size_t(pb.lse_index(b, h, first_row + r));
+    const index_t i = query_position(seq.q_start, r0 + r);
+    const index_range visible = row_keys(pb, pb.lse[row], i, j0, bc);  // hidden keys keep dS = 0, even in a NaN row
+    p.row(r).segment(visible.begin, visible.size()).array() *=
+        dp.row(r).segment(visible.begin, visible.size()).array() - pb.row_delta[row];
+    if (bias_grad) bias_grad->add_row(h, i, j0 + visible.begin, visible.size(), &p(r, visible.begin));
   }
-  pb.dq.rows(b, h, r0, br).noalias() += pb.scale * (p * k_tile);
+  pb.dq.rows(b, h, first_row, br).noalias() += pb.scale * (p * k_tile);
   work.dk.rows(0, 0, c0, bc).noalias() += pb.scale * (p.transpose() * q_tile);
 }
 
 /// One work item. Key tiles outer (FA2), so the dK and dV tiles stay hot while the query tiles
-/// stream past.
+/// stream past; per key tile only the query rows that see one of its keys.
 template <class S, class Plan, class Accumulator>
 void backward_item(const backward_problem<S>& pb, const Plan& plan, Accumulator* bias_grad, backward_scratch<S>& s,
                    const backward_work<S>& work) {
+  const sequence& seq = *work.seq;
   const index_t head_end = (work.kv_head + 1) * pb.group;
   work.dk.matrix(0, 0).setZero();
   work.dv.matrix(0, 0).setZero();
-  for (index_t h = work.first_head; h < head_end; h += work.head_step) pb.dq.matrix(work.b, h).setZero();
+  for (index_t h = work.first_head; h < head_end; h += work.head_step) pb.dq.rows(seq.batch, h, seq.q_begin, seq.q_length).setZero();
 
-  for (index_t c0 = 0; c0 < pb.k.seq; c0 += pb.tiles.cols) {
-    const index_t bc = std::min(pb.tiles.cols, pb.k.seq - c0);
-    const index_t first_row = pb.first_visible_row(key_position(pb.options.k_start, c0));
+  const index_range keys = visible_key_columns(pb.layout.band, seq, 0, seq.q_length);
+  for (index_t c0 = keys.begin; c0 < keys.end; c0 += pb.tiles.cols) {
+    const index_t bc = std::min(pb.tiles.cols, keys.end - c0);
+    const index_t j0 = key_position(seq.k_start, c0);
+    const index_range rows = pb.layout.band.queries_seeing(seq.q_start, seq.q_length, j0, j0 + bc - 1);
     for (index_t h = work.first_head; h < head_end; h += work.head_step)
-      for (index_t r0 = first_row; r0 < pb.q.seq; r0 += pb.tiles.rows)
-        backward_tile(pb, plan, bias_grad, s, work, h, r0, std::min(pb.tiles.rows, pb.q.seq - r0), c0, bc);
+      for (index_t r0 = rows.begin; r0 < rows.end; r0 += pb.tiles.rows)
+        backward_tile(pb, plan, bias_grad, s, work, h, r0, std::min(pb.tiles.rows, rows.end - r0), c0, bc);
   }
 }
 
-/// The work items of a pass: every (batch, key/value head) group, each split into `slices`
+/// The work items of a pass: every (sequence, key/value head) group, each split into `slices`
 /// slices of its query heads when there are fewer groups than threads. Slice 0 sums dK and dV
-/// into the user's tensors, slice n > 0 into buffers of its own (Lk x (D + Dv) each, at most
-/// one per extra thread), which finish() adds in slice order.
+/// into the user's tensors, slice n > 0 into buffers of its own (the sequence's key rows x
+/// (D + Dv) each, at most one per extra thread), which finish() adds in slice order.
 template <class S>
 class backward_split {
  public:
   backward_split(const backward_problem<S>& pb, int threads)
-      : pb_(pb), groups_(pb.q.batch * pb.k.heads), slices_(std::clamp<index_t>(threads / groups_, 1, pb.group)),
-        threads_(int(std::min<index_t>(threads, groups_ * slices_))) {
-    for (index_t n = 0; n < groups_ * (slices_ - 1); ++n) {
-      dk_parts_.emplace_back(1, pb.k.seq, 1, pb.k.dim);
-      dv_parts_.emplace_back(1, pb.v.seq, 1, pb.v.dim);
-    }
+      : pb_(pb), groups_(index_t(pb.layout.sequences.size()) * pb.k.heads),
+        slices_(std::clamp<index_t>(threads / std::max<index_t>(groups_, 1), 1, pb.group)),
+        threads_(int(std::clamp<index_t>(groups_ * slices_, 1, threads))) {
+    for (index_t group = 0; group < groups_; ++group)
+      for (index_t n = 1; n < slices_; ++n) {
+        const index_t keys = sequence_of(group).k_length;
+        dk_parts_.emplace_back(1, keys, 1, pb.k.dim);
+        dv_parts_.emplace_back(1, keys, 1, pb.v.dim);
+      }
   }
 
   index_t items() const { return groups_ * slices_; }
@@ -174,8 +194,8 @@ class backward_split {
   backward_work<S> item(index_t n) {
     const index_t group = n / slices_, slice = n % slices_;
     const index_t kv_head = group % pb_.k.heads;
-    backward_work<S> work{group / pb_.k.heads, kv_head, kv_head * pb_.group + slice, slices_,
-                          of_group(pb_.dk, group), of_group(pb_.dv, group)};
+    backward_work<S> work{&sequence_of(group), kv_head, kv_head * pb_.group + slice, slices_, of_group(pb_.dk, group),
+                          of_group(pb_.dv, group)};
     if (slice > 0) {  // parts are ordered by group, then slice
       const auto part = std::size_t(group * (slices_ - 1) + slice - 1);
       work.dk = dk_parts_[part].view();
@@ -193,8 +213,11 @@ class backward_split {
   }
 
  private:
+  const sequence& sequence_of(index_t group) const { return pb_.layout.sequences[std::size_t(group / pb_.k.heads)]; }
+  /// The group's key rows of one head of t, as a [1, k_length, 1, dim] view.
   tensor_view<S> of_group(const tensor_view<S>& t, index_t group) const {
-    return single_head(t, group / pb_.k.heads, group % pb_.k.heads);
+    const sequence& seq = sequence_of(group);
+    return single_head(t, seq.batch, group % pb_.k.heads).positions(seq.k_begin, seq.k_length);
   }
 
   const backward_problem<S>& pb_;
@@ -233,11 +256,23 @@ void fused_backward(const backward_problem<S>& pb, const Plan& plan, MakeAccumul
     if (partial) partial->finish(grad);
 }
 
+/// Rows outside every sequence (padding) pass no gradient: dQ, dK and dV are 0 there.
+template <class S>
+void clear_rows_outside(const backward_problem<S>& pb) {
+  for_each_row_outside(pb.layout, pb.q.batch, pb.q.seq, true, [&](index_t b, index_t r) { zero_row(pb.dq, b, r); });
+  for_each_row_outside(pb.layout, pb.k.batch, pb.k.seq, false, [&](index_t b, index_t r) {
+    zero_row(pb.dk, b, r);
+    zero_row(pb.dv, b, r);
+  });
+}
+
 /// Builds the bias plan and the gradient accumulators for the policy, then runs the pass.
 template <class S, bias_policy Bias>
 void run_backward(backward_problem<S>& pb, const Bias& bias, std::span<S> bias_grad) {
+  pb.layout = make_layout(pb.options, pb.q.batch, pb.q.seq, pb.k.seq);
   pb.row_delta = output_row_deltas(pb.o, pb.d_out);
-  const position_window window = pb.options.window(pb.q.seq, pb.k.seq);
+  clear_rows_outside(pb);
+  const position_window window = visited_window(pb.layout);
   const auto plan = make_bias_plan(bias, window, thread_count(pb.options.num_threads));
   if constexpr (differentiable_bias<Bias>) {
     fused_backward(pb, plan, [&] { return make_gradient_accumulator(bias, window); }, bias_grad);
@@ -267,6 +302,7 @@ void attention_backward(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v,
   if constexpr (learned_bias<Bias>) parameter_count = std::size_t(bias.parameters().size());
   detail::check_backward(where, q, k, v, o, d_out, lse, dq, dk, dv, bias_grad, parameter_count);
   detail::check_bias_mode(where, bias, options);
+  detail::check_sequences(where, q, k, options);
   detail::check_no_aliasing(where,
                             {detail::block_of("dq", dq), detail::block_of("dk", dk), detail::block_of("dv", dv),
                              detail::block_of("bias_grad", bias_grad)},

@@ -3,12 +3,14 @@
 // the tensors and the bias policy.
 
 #include "relbias/offset.hpp"
+#include "relbias/sequences.hpp"
 #include "relbias/tensor.hpp"
 
 #include <cmath>
 #include <concepts>
 #include <limits>
 #include <optional>
+#include <span>
 #include <vector>
 
 namespace relbias {
@@ -16,12 +18,20 @@ namespace relbias {
 template <std::floating_point Scalar>
 struct attention_options {
   masking mask = masking::bidirectional;
+  // Sliding (local) attention: a query sees only keys at distance < window, causal i - w < j <= i
+  // (w keys, itself included), bidirectional |i - j| < w. Unset: no window. Must be >= 1.
+  std::optional<index_t> sliding_window{};
   index_t q_start = 0;                  // absolute position of query row 0 (kv_cache_q_start for decoding)
   index_t k_start = 0;                  // absolute position of key row 0
+  // Real batches (sequences.hpp): where each sequence lives in the tensors and its positions.
+  // Empty: every batch element is one sequence over all rows, at q_start / k_start (which must
+  // stay 0 when sequences are given). Not owned: keep the list alive during the call.
+  std::span<const sequence> sequences{};
   std::optional<Scalar> scale{};      // multiplies Q K^T (not the bias); default 1/sqrt(dim), T5 uses 1
   int num_threads = 0;                // fused kernels: 0 = OpenMP's default; ignored without OpenMP
 
   Scalar scale_for(index_t dim) const { return scale ? *scale : Scalar(1) / std::sqrt(Scalar(dim)); }
+  offset_band band() const noexcept { return offset_band::of(mask, sliding_window); }
   position_window window(index_t query_length, index_t key_length) const {
     return {q_start, query_length, k_start, key_length};
   }

@@ -8,11 +8,13 @@
 #include "relbias/attention_options.hpp"
 #include "relbias/concepts.hpp"
 #include "relbias/detail/checks.hpp"
+#include "relbias/detail/layout.hpp"
 #include "relbias/offset.hpp"
 #include "relbias/tensor.hpp"
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <span>
@@ -36,26 +38,32 @@ void exact_exp(Eigen::Ref<Eigen::Array<S, 1, Eigen::Dynamic>> x) {
     if (arguments[c] < normal_below) x[c] = S(std::exp(double(arguments[c])));
 }
 
-/// Softmax probabilities P (Lq, Lk) of head h in batch b, and the row log-sum-exp (Lq). The
-/// contract every kernel follows (README, "Errors"):
+/// Softmax probabilities P (q_length, k_length) of head h over one sequence, and its rows'
+/// log-sum-exp (q_length). The contract every kernel follows (README, "Errors"):
 ///   hidden keys (causal mask) have P = 0 exactly, and so do keys whose score is -inf;
 ///   a row with no visible key of finite score gets P = 0 and lse = -inf;
 ///   a row with a NaN or +inf score among its visible keys gets P = NaN there and lse = NaN.
 template <bias_policy Bias, class S = typename Bias::scalar_type>
 row_matrix<S> reference_probabilities(const input_tensor<S>& q, const input_tensor<S>& k, const Bias& bias,
-                                      const attention_options<S>& options, index_t b, index_t h,
+                                      const attention_options<S>& options, const sequence& seq, index_t h,
                                       Eigen::Matrix<S, Eigen::Dynamic, 1>& lse) {
   const index_t group = q.heads / k.heads;
-  row_matrix<S> p = options.scale_for(q.dim) * (q.matrix(b, h) * k.matrix(b, h / group).transpose());  // (Lq, Lk)
+  const offset_band band = options.band();
+  row_matrix<S> p = options.scale_for(q.dim) * (q.rows(seq.batch, h, seq.q_begin, seq.q_length) *
+                                                k.rows(seq.batch, h / group, seq.k_begin, seq.k_length).transpose());  // (Lq, Lk)
   constexpr S minus_inf = -std::numeric_limits<S>::infinity();
   for (index_t r = 0; r < p.rows(); ++r) {
-    const index_t i = query_position(options.q_start, r);
-    const index_t visible = visible_key_count(options.mask, i, options.k_start, p.cols());
-    for (index_t c = 0; c < visible; ++c) p(r, c) += bias(h, i, key_position(options.k_start, c));
-    auto scores = p.row(r).head(visible).array();
-    S row_max = visible > 0 ? scores.template maxCoeff<Eigen::PropagateNaN>() : minus_inf;
+    const index_t i = query_position(seq.q_start, r);
+    for (index_t c = 0; c < p.cols(); ++c) {
+      const index_t j = key_position(seq.k_start, c);
+      p(r, c) = band.contains(relative_offset(i, j)) ? p(r, c) + bias(h, i, j) : minus_inf;
+    }
+    const index_range visible = band.visible_keys(i, seq.k_start, p.cols());
+    auto scores = p.row(r).segment(visible.begin, visible.size()).array();
+    S row_max = visible.empty() ? minus_inf : scores.template maxCoeff<Eigen::PropagateNaN>();
     if (row_max == -minus_inf) row_max = std::numeric_limits<S>::quiet_NaN();  // +inf: no finite softmax
-    p.row(r).tail(p.cols() - visible).setZero();
+    p.row(r).head(visible.begin).setZero();
+    p.row(r).tail(p.cols() - visible.end).setZero();
     if (row_max == minus_inf) {  // no visible key of finite score
       p.row(r).setZero();
       lse[r] = minus_inf;
@@ -85,15 +93,20 @@ void reference_attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v
   detail::check_outputs(where, q, v, o, lse, false);
   detail::check_no_aliasing(where, {detail::block_of("o", o), detail::block_of("lse", lse)},
                             {detail::block_of("q", q), detail::block_of("k", k), detail::block_of("v", v), detail::parameter_block(bias)});
+  detail::check_sequences(where, q, k, options);
 
   const index_t group = q.heads / k.heads;
-  Eigen::Matrix<S, Eigen::Dynamic, 1> row_lse(q.seq);  // (Lq)
-  for (index_t b = 0; b < q.batch; ++b)
+  const detail::batch_layout layout = detail::make_layout(options, q.batch, q.seq, k.seq);
+  for (index_t b = 0; b < q.batch; ++b)  // rows outside every sequence: O = 0, lse = -inf
+    for (index_t h = 0; h < q.heads; ++h) o.matrix(b, h).setZero();
+  if (!lse.empty()) std::fill(lse.begin(), lse.end(), -std::numeric_limits<S>::infinity());
+  for (const sequence& seq : layout.sequences)
     for (index_t h = 0; h < q.heads; ++h) {
-      const detail::row_matrix<S> p = detail::reference_probabilities(q, k, bias, options, b, h, row_lse);  // (Lq, Lk)
-      o.matrix(b, h).noalias() = p * v.matrix(b, h / group);                                           // (Lq, Dv)
+      Eigen::Matrix<S, Eigen::Dynamic, 1> row_lse(seq.q_length);
+      const detail::row_matrix<S> p = detail::reference_probabilities(q, k, bias, options, seq, h, row_lse);  // (Lq, Lk)
+      o.rows(seq.batch, h, seq.q_begin, seq.q_length).noalias() = p * v.rows(seq.batch, h / group, seq.k_begin, seq.k_length);
       if (!lse.empty())
-        for (index_t r = 0; r < q.seq; ++r) lse[std::size_t((b * q.heads + h) * q.seq + r)] = row_lse[r];
+        for (index_t r = 0; r < seq.q_length; ++r) lse[std::size_t((seq.batch * q.heads + h) * q.seq + seq.q_begin + r)] = row_lse[r];
     }
 }
 
@@ -103,6 +116,7 @@ attention_result<S> reference_attention(input_tensor<S> q, input_tensor<S> k, in
                                         const Bias& bias, const attention_options<S>& options = {}) {
   detail::check_qkv("relbias::reference_attention", q, k, v, index_t(bias.num_heads()), options);
   detail::check_result_sizes("relbias::reference_attention", q, v);
+  detail::check_sequences("relbias::reference_attention", q, k, options);
   attention_result<S> result{tensor<S>(q.batch, q.seq, q.heads, v.dim), std::vector<S>(std::size_t(q.batch * q.heads * q.seq))};
   reference_attention(q, k, v, bias, options, result.out.view(), std::span<S>(result.lse));
   return result;

@@ -13,6 +13,7 @@
 #include "relbias/attention_reference.hpp"
 #include "relbias/concepts.hpp"
 #include "relbias/detail/checks.hpp"
+#include "relbias/detail/layout.hpp"
 #include "relbias/offset.hpp"
 #include "relbias/tensor.hpp"
 
@@ -37,17 +38,16 @@ void check_reference_bias_grad(const char* where, std::size_t bias_grad_size) {
                       " values");
 }
 
-/// Shift-invariant policies: sum dS (Lq, Lk) of head h along each diagonal i - j, then one call
-/// to the policy. by_offset[n] holds the diagonal delta = window.min_offset() + n. Masked cells
-/// add their exact zero.
+/// Shift-invariant policies: sum dS (q_length, k_length) of head h over one sequence along each
+/// diagonal i - j, then one call to the policy. by_offset[n] holds the diagonal delta =
+/// window.min_offset() + n. Masked cells add their exact zero.
 template <offset_differentiable_bias Bias, class S = typename Bias::scalar_type>
-void reference_offset_gradient(const Bias& bias, const attention_options<S>& options, index_t h, const row_matrix<S>& ds,
-                               std::span<S> grad) {
-  const position_window window = options.window(ds.rows(), ds.cols());
+void reference_offset_gradient(const Bias& bias, const sequence& seq, index_t h, const row_matrix<S>& ds, std::span<S> grad) {
+  const position_window window{seq.q_start, ds.rows(), seq.k_start, ds.cols()};
   std::vector<S> by_offset(std::size_t(window.offset_count()), S(0));
   for (index_t r = 0; r < ds.rows(); ++r)
     for (index_t c = 0; c < ds.cols(); ++c) {
-      const index_t delta = relative_offset(query_position(options.q_start, r), key_position(options.k_start, c));
+      const index_t delta = relative_offset(query_position(seq.q_start, r), key_position(seq.k_start, c));
       by_offset[std::size_t(delta - window.min_offset())] += ds(r, c);
     }
   bias.accumulate_offset_gradient(h, window.min_offset(), std::span<const S>(by_offset), grad);
@@ -56,13 +56,13 @@ void reference_offset_gradient(const Bias& bias, const attention_options<S>& opt
 /// Any other learned policy: the chain rule cell by cell. Masked cells are skipped rather than
 /// passed a zero: their dS is 0, and a policy need not be defined (finite) where keys are hidden.
 template <cell_differentiable_bias Bias, class S = typename Bias::scalar_type>
-void reference_cell_gradient(const Bias& bias, const attention_options<S>& options, index_t h, const row_matrix<S>& ds,
-                             std::span<S> grad) {
+void reference_cell_gradient(const Bias& bias, const offset_band& band, const sequence& seq, index_t h,
+                             const row_matrix<S>& ds, std::span<S> grad) {
   for (index_t r = 0; r < ds.rows(); ++r) {
-    const index_t i = query_position(options.q_start, r);
+    const index_t i = query_position(seq.q_start, r);
     for (index_t c = 0; c < ds.cols(); ++c) {
-      const index_t j = key_position(options.k_start, c);
-      if (!is_masked(options.mask, i, j)) bias.accumulate_gradient(h, i, j, ds(r, c), grad);
+      const index_t j = key_position(seq.k_start, c);
+      if (band.contains(relative_offset(i, j))) bias.accumulate_gradient(h, i, j, ds(r, c), grad);
     }
   }
 }
@@ -70,35 +70,38 @@ void reference_cell_gradient(const Bias& bias, const attention_options<S>& optio
 /// Adds head h's share of dL/dtheta for one (Lq, Lk) block of dS; the diagonal path wins when a
 /// policy offers both (it is the cheaper one and must agree).
 template <class Bias, class S = typename Bias::scalar_type>
-void reference_bias_gradient(const Bias& bias, const attention_options<S>& options, index_t h, const row_matrix<S>& ds,
-                             std::span<S> grad) {
+void reference_bias_gradient(const Bias& bias, const attention_options<S>& options, const sequence& seq, index_t h,
+                             const row_matrix<S>& ds, std::span<S> grad) {
+  if (ds.size() == 0) return;
   if constexpr (offset_differentiable_bias<Bias>) {
-    reference_offset_gradient(bias, options, h, ds, grad);
+    reference_offset_gradient(bias, seq, h, ds, grad);
   } else if constexpr (cell_differentiable_bias<Bias>) {
-    reference_cell_gradient(bias, options, h, ds, grad);
+    reference_cell_gradient(bias, options.band(), seq, h, ds, grad);
   } else {
     static_assert(!learned_bias<Bias>, "a learned policy needs accumulate_offset_gradient or accumulate_gradient "
                                        "(see concepts.hpp) for reference_attention_backward to reach its parameters");
   }
 }
 
-/// Query head h of batch b: overwrites its rows of dq, adds its share into dk and dv of its
+/// Query head h of one sequence: overwrites its rows of dq, adds its share into dk and dv of its
 /// key/value head (GQA: the group's query heads sum there), and into bias_grad if not empty.
 template <bias_policy Bias, class S = typename Bias::scalar_type>
 void reference_head_backward(const input_tensor<S>& q, const input_tensor<S>& k, const input_tensor<S>& v,
                              const input_tensor<S>& o, const input_tensor<S>& d_out, const Bias& bias,
-                             const attention_options<S>& options, index_t b, index_t h, const output_tensor<S>& dq,
+                             const attention_options<S>& options, const sequence& seq, index_t h, const output_tensor<S>& dq,
                              const output_tensor<S>& dk, const output_tensor<S>& dv, std::span<S> bias_grad) {
-  const index_t hk = h / (q.heads / k.heads);
+  const index_t b = seq.batch, hk = h / (q.heads / k.heads);
   const S scale = options.scale_for(q.dim);
-  Eigen::Matrix<S, Eigen::Dynamic, 1> unused_lse(q.seq);  // (Lq): P is rebuilt, not read back from lse
-  const row_matrix<S> p = reference_probabilities(q, k, bias, options, b, h, unused_lse);  // (Lq, Lk)
-  const auto d_o = d_out.matrix(b, h);                                                     // (Lq, Dv)
+  Eigen::Matrix<S, Eigen::Dynamic, 1> unused_lse(seq.q_length);  // P is rebuilt, not read back from lse
+  const row_matrix<S> p = reference_probabilities(q, k, bias, options, seq, h, unused_lse);  // (Lq, Lk)
+  const auto d_o = d_out.rows(b, h, seq.q_begin, seq.q_length);                             // (Lq, Dv)
+  const auto q_rows = q.rows(b, h, seq.q_begin, seq.q_length);                              // (Lq, D)
+  const auto k_rows = k.rows(b, hk, seq.k_begin, seq.k_length);                             // (Lk, D)
 
-  dv.matrix(b, hk).noalias() += p.transpose() * d_o;                                       // (Lk, Dv)
-  const row_matrix<S> dp = d_o * v.matrix(b, hk).transpose();                              // (Lq, Lk)
+  dv.rows(b, hk, seq.k_begin, seq.k_length).noalias() += p.transpose() * d_o;              // (Lk, Dv)
+  const row_matrix<S> dp = d_o * v.rows(b, hk, seq.k_begin, seq.k_length).transpose();      // (Lq, Lk)
   const Eigen::Matrix<S, Eigen::Dynamic, 1> row_delta =
-      (d_o.array() * o.matrix(b, h).array()).rowwise().sum();                                // (Lq)
+      (d_o.array() * o.rows(b, h, seq.q_begin, seq.q_length).array()).rowwise().sum();       // (Lq)
   // A row without visible keys has P = 0, so its dS row is exactly 0: no gradient, no NaN.
   row_matrix<S> ds = (p.array() * (dp.colwise() - row_delta).array()).matrix();            // (Lq, Lk)
   for (index_t r = 0; r < ds.rows(); ++r) {  // hidden keys get dS = 0, even from a NaN row
@@ -106,10 +109,10 @@ void reference_head_backward(const input_tensor<S>& q, const input_tensor<S>& k,
     ds.row(r).tail(ds.cols() - visible).setZero();
   }
 
-  dq.matrix(b, h).noalias() = scale * (ds * k.matrix(b, hk));                              // (Lq, D)
-  dk.matrix(b, hk).noalias() += scale * (ds.transpose() * q.matrix(b, h));                 // (Lk, D)
+  dq.rows(b, h, seq.q_begin, seq.q_length).noalias() = scale * (ds * k_rows);              // (Lq, D)
+  dk.rows(b, hk, seq.k_begin, seq.k_length).noalias() += scale * (ds.transpose() * q_rows); // (Lk, D)
   if constexpr (learned_bias<Bias>)
-    if (!bias_grad.empty()) reference_bias_gradient(bias, options, h, ds, bias_grad);
+    if (!bias_grad.empty()) reference_bias_gradient(bias, options, seq, h, ds, bias_grad);
 }
 
 }  // namespace detail
@@ -147,14 +150,18 @@ void reference_attention_backward(input_tensor<S> q, input_tensor<S> k, input_te
                             {detail::block_of("q", q), detail::block_of("k", k), detail::block_of("v", v), detail::block_of("o", o),
                              detail::block_of("d_out", d_out), detail::block_of("lse", lse), detail::parameter_block(bias)});
 
-  for (index_t b = 0; b < q.batch; ++b) {
+  detail::check_sequences(where, q, k, options);
+
+  for (index_t b = 0; b < q.batch; ++b) {  // rows outside every sequence keep these zeros
+    for (index_t h = 0; h < q.heads; ++h) dq.matrix(b, h).setZero();
     for (index_t hk = 0; hk < k.heads; ++hk) {  // summed into by every query head of the group
       dk.matrix(b, hk).setZero();
       dv.matrix(b, hk).setZero();
     }
-    for (index_t h = 0; h < q.heads; ++h)
-      detail::reference_head_backward(q, k, v, o, d_out, bias, options, b, h, dq, dk, dv, bias_grad);
   }
+  for (const sequence& seq : detail::make_layout(options, q.batch, q.seq, k.seq).sequences)
+    for (index_t h = 0; h < q.heads; ++h)
+      detail::reference_head_backward(q, k, v, o, d_out, bias, options, seq, h, dq, dk, dv, bias_grad);
 }
 
 }  // namespace relbias
