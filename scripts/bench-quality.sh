@@ -17,7 +17,7 @@ cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DRELBIAS_BUILD_BENCHMARKS=ON 
 cmake --build "$build" --target bench_quality -j2 >/dev/null
 
 rm -rf "$out/quality/runs"
-python3 bench/quality/run.py "$build/bench/bench_quality" "$out/quality" "${quick[@]}"
+/usr/bin/python3 bench/quality/run.py "$build/bench/bench_quality" "$out/quality" "${quick[@]}"
 command="bash scripts/bench-quality.sh $out"
 [ "${QUICK:-0}" = 1 ] && command="QUICK=1 $command"
-python3 bench/quality/report.py "$out/quality" "$command"
+/usr/bin/python3 bench/quality/report.py "$out/quality" "$command"

@@ -1,7 +1,7 @@
 // bench_quality: one training run of the quality benchmark, written as JSON.
 //
 //   bench_quality --task text|probe --scheme NAME --seed N --out FILE
-//                 [--steps N] [--batch N] [--seq N] [--keep-every N] [--eval-every N]
+//                 [--steps N] [--batch N] [--seq N] [--lr X] [--keep-every N] [--eval-every N]
 //                 [--curve-eval-chars N] [--final-eval-chars N] [--fortunes DIR]
 //
 // text: a character model of Debian's fortunes (held-out files: see data.hpp), bits per
@@ -59,7 +59,8 @@ void write_json(const std::string& path, const quality::run_config& c, const qua
     << ", \"learning_rate\": " << json_number(c.learning_rate) << ", \"keep_every\": " << keep_every
     << ",\n \"d_model\": " << c.model.d_model << ", \"heads\": " << c.model.heads << ", \"layers\": " << c.model.layers
     << ", \"vocab\": " << c.model.vocab << ",\n \"bias_parameters\": " << r.bias_parameters
-    << ", \"model_parameters\": " << r.model_parameters << ", \"ms_per_step\": " << json_number(r.ms_per_step);
+    << ", \"model_parameters\": " << r.model_parameters << ", \"ms_per_step\": " << json_number(r.ms_per_step)
+    << ", \"cpu_ms_per_step\": " << json_number(r.cpu_ms_per_step);
   if (corpus)
     o << ",\n \"train_chars\": " << corpus->train.size() << ", \"held_out_chars\": " << corpus->held_out.size()
       << ",\n \"held_out_files\": " << json_strings(corpus->held_out_files)
@@ -89,6 +90,7 @@ int main(int argc, char** argv) try {
   c.batch = get_int("--batch", c.batch);
   c.seq = get_int("--seq", c.task == "probe" ? 32 : c.seq);
   c.eval_every = get_int("--eval-every", c.eval_every);
+  c.learning_rate = std::stof(get("--lr", std::to_string(c.learning_rate)));
   c.curve_eval_chars = get_int("--curve-eval-chars", c.curve_eval_chars);
   c.final_eval_chars = get_int("--final-eval-chars", c.final_eval_chars);
   const index_t keep_every = get_int("--keep-every", 1);
@@ -107,8 +109,8 @@ int main(int argc, char** argv) try {
     return quality::run(c, std::move(bias), corpus ? &*corpus : nullptr);
   });
   write_json(out, c, r, corpus ? &*corpus : nullptr, keep_every);
-  std::printf("%s %s seed %llu: %.1f ms/step, final train loss %.3f nats, %s %.3f\n", c.task.c_str(), c.scheme.c_str(),
-              static_cast<unsigned long long>(c.seed), r.ms_per_step, r.train_loss.back(),
+  std::printf("%s %s seed %llu: %.1f ms/step (%.1f ms CPU), final train loss %.3f nats, %s %.3f\n", c.task.c_str(), c.scheme.c_str(),
+              static_cast<unsigned long long>(c.seed), r.ms_per_step, r.cpu_ms_per_step, r.train_loss.back(),
               c.task == "text" ? "held-out bpc at 1x" : "probe accuracy", c.task == "text" ? r.eval_bpc.front() : r.probe_accuracy);
   return 0;
 } catch (const std::exception& error) {

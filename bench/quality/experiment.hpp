@@ -9,6 +9,7 @@
 #include <relbias/relbias.hpp>
 
 #include <chrono>
+#include <ctime>
 #include <cmath>
 #include <numbers>
 #include <stdexcept>
@@ -77,7 +78,8 @@ struct run_config {
 
 struct run_result {
   index_t bias_parameters = 0, model_parameters = 0;
-  double ms_per_step = 0;
+  double ms_per_step = 0;      // wall clock: what a user waits for (on a shared machine, also the others' load)
+  double cpu_ms_per_step = 0;  // this process's CPU time: the cost of the step itself (one thread)
   std::vector<double> train_loss;                // nats, every step
   std::vector<double> curve_x, curve_y;          // characters (sequences) seen -> bpc (accuracy)
   std::vector<index_t> eval_lengths;
@@ -174,17 +176,20 @@ run_result run(const run_config& config, Bias bias, const text_corpus* corpus) {
     r.curve_y.push_back(text ? e.bits_per_char(corpus->held_out, config.curve_eval_chars, config.seq)
                              : e.probe_accuracy(probe_eval, config.seq));
   };
-  double train_seconds = 0;
+  double train_seconds = 0, train_cpu_seconds = 0;
   for (index_t step = 0; step < config.steps; ++step) {
     if (step % config.eval_every == 0) evaluate_curve(step);
     const batch_tokens b = text ? sample_text(corpus->train, config.batch, config.seq, data_rng)
                                 : probe.sample(config.batch, data_rng);
     const auto start = std::chrono::steady_clock::now();
+    const std::clock_t cpu_start = std::clock();
     r.train_loss.push_back(double(e.train_step(b)));
+    train_cpu_seconds += double(std::clock() - cpu_start) / CLOCKS_PER_SEC;
     train_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   }
   evaluate_curve(config.steps);
   r.ms_per_step = 1e3 * train_seconds / double(std::max<index_t>(config.steps, 1));
+  r.cpu_ms_per_step = 1e3 * train_cpu_seconds / double(std::max<index_t>(config.steps, 1));
 
   if (text) {
     for (index_t m : config.eval_multiples) {

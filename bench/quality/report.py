@@ -66,14 +66,14 @@ def text_table(runs, name):
         return []
     lengths = some[0]["eval_lengths"]
     first = some[0]
-    lines = [f"| scheme | bias params | train ms/step | " + " | ".join(f"bpc at {n} ({n // first['seq']}x)" for n in lengths) + " |",
+    lines = [f"| scheme | bias params | train CPU ms/step | " + " | ".join(f"bpc at {n} ({n // first['seq']}x)" for n in lengths) + " |",
              "|---" * (3 + len(lengths)) + "|"]
     for scheme in SCHEMES:
         group = runs.get((name, scheme), [])
         if not group:
             continue
         cells = [spread([r["eval_bpc"][k] for r in group]) for k in range(len(lengths))]
-        lines.append(f"| {scheme} | {group[0]['bias_parameters']} | {spread([r['ms_per_step'] for r in group], 1)} | "
+        lines.append(f"| {scheme} | {group[0]['bias_parameters']} | {spread([r['cpu_ms_per_step'] for r in group], 1)} | "
                      + " | ".join(cells) + " |")
     return lines
 
@@ -85,7 +85,7 @@ def curve_table(runs, name, label, digits):
         return []
     xs = some[0]["curve_x"]
     picks = sorted({len(xs) // 4, len(xs) // 2, 3 * len(xs) // 4, len(xs) - 1})
-    lines = [f"| scheme | " + " | ".join(f"{label} after {xs[k]:,.0f}" for k in picks) + " |",
+    lines = [f"| scheme | " + " | ".join(f"after {xs[k]:,.0f} {label}" for k in picks) + " |",
              "|---" * (1 + len(picks)) + "|"]
     for scheme in SCHEMES:
         group = runs.get((name, scheme), [])
@@ -213,7 +213,8 @@ def summary(runs):
         if text:
             lengths = text[0]["eval_lengths"]
             entry["bias_parameters"] = text[0]["bias_parameters"]
-            entry["train_ms_per_step"] = float(np.mean([r["ms_per_step"] for r in text]))
+            entry["train_ms_per_step"] = float(np.mean([r["cpu_ms_per_step"] for r in text]))  # CPU time, one thread
+            entry["train_wall_ms_per_step"] = float(np.mean([r["ms_per_step"] for r in text]))
             entry["bpc_1x"] = float(np.mean([r["eval_bpc"][0] for r in text]))
             if 8 * text[0]["seq"] in lengths:
                 k = lengths.index(8 * text[0]["seq"])
@@ -237,7 +238,9 @@ def setup_lines(runs):
         lines.append(f"Model: {text['layers']} pre-LN blocks, d_model {text['d_model']}, {text['heads']} heads of "
                      f"{text['d_model'] // text['heads']}, MLP 4x (GELU), tied character embedding ({text['vocab']} symbols), "
                      f"{text['model_parameters']:,} weights, no absolute positions; one bias policy shared by both layers. "
-                     f"Adam (lr {text['learning_rate']}), float, relbias's fused forward and backward.")
+                     f"Adam (lr {text['learning_rate']}, constant; the probe {probe['learning_rate'] if probe else '-'}), float, relbias's fused "
+                     "forward and backward, one thread per run (two runs at a time). Train CPU ms/step: the process's CPU time per "
+                     "step (forward, backward, Adam), which other tenants of a shared machine do not inflate.")
         lines.append(f"Text: Debian fortunes, {text['train_chars']:,} training characters; held out whole files "
                      f"{', '.join(text['held_out_files'])} ({text['held_out_chars']:,} characters), of which the first "
                      f"{text['final_eval_chars']:,} are scored at every length in non-overlapping windows (every character "
@@ -245,7 +248,7 @@ def setup_lines(runs):
                      f"Training: {text['steps']} steps of {text['batch']} random windows of {text['seq']} characters "
                      f"({text['steps'] * text['batch'] * text['seq']:,} characters), the same windows in the same order for every scheme of a seed.")
     if small:
-        lines.append(f"Small data: every 20th training record ({small['train_chars']:,} characters), same steps "
+        lines.append(f"Small data: every 20th training record ({small['train_chars']:,} characters), {small['steps']} steps "
                      f"({small['steps'] * small['batch'] * small['seq'] / small['train_chars']:.1f} passes over it).")
     if probe:
         lines.append(f"Probe: sequences of {probe['seq']} random symbols (16), each token also carrying k in 5..9 for its "
@@ -260,7 +263,8 @@ def main():
     runs = load_runs(out)
     if not runs:
         sys.exit(f"report.py: no runs in {out / 'runs'}")
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    last_run = max(path.stat().st_mtime for path in (out / "runs").glob("*.json"))  # when the run ended
+    date = datetime.datetime.fromtimestamp(last_run, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     seeds = sorted({r["seed"] for group in runs.values() for r in group})
 
     plot_extrapolation(runs, out)
@@ -278,11 +282,11 @@ def main():
     body += ["", "#### The same, trained on every 20th record (small data)", ""]
     body += text_table(runs, "small")
     body += ["", "#### Learning curves: held-out bits per character at length 64", ""]
-    body += curve_table(runs, "text", "chars", 3)
+    body += curve_table(runs, "text", "characters", 3)
     body += ["", "Small data:", ""]
-    body += curve_table(runs, "small", "chars", 3)
+    body += curve_table(runs, "small", "characters", 3)
     body += ["", "#### Probe: accuracy against training sequences seen", ""]
-    body += curve_table(runs, "probe", "seqs", 3)
+    body += curve_table(runs, "probe", "sequences", 3)
     body += ["", "![bits per character against evaluation length](results/quality/extrapolation.png)",
              "![learning curves](results/quality/learning_curves.png)",
              "![probe accuracy](results/quality/probe.png)",
