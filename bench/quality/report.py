@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 SCHEMES = ["no_bias", "alibi", "kerple_power", "kerple_log", "t5", "per_offset", "fire"]
 LEARNED = ["kerple_power", "kerple_log", "t5", "per_offset", "fire"]
 COLORS = dict(zip(SCHEMES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+CLIP = -20  # bias axis floor in the bias plots
 BEGIN, END = "<!-- quality: begin (bench/quality/report.py writes this part) -->", "<!-- quality: end -->"
 
 
@@ -109,30 +110,18 @@ def band_plot(ax, runs, name, x_of, y_of, label_x, label_y):
     ax.grid(alpha=0.3)
 
 
-def plot_extrapolation(runs, out):
+def plot_text_panels(runs, out, file, title, x_of, y_of, label_x, label_y, log_x):
+    """One panel for the runs on all training files, one for the small-data runs."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, name, title in zip(axes, ["text", "small"], ["all training files", "every 20th training record (5 %)"]):
-        band_plot(ax, runs, name, lambda r: r["eval_lengths"], lambda r: r["eval_bpc"],
-                  "evaluation length (characters, log scale)", "held-out bits per character")
-        ax.set_xscale("log", base=2)
+    for ax, name, data in zip(axes, ["text", "small"], ["all training files", "every 20th training record (5 %)"]):
+        band_plot(ax, runs, name, x_of, y_of, label_x, label_y)
+        if log_x:
+            ax.set_xscale("log", base=2)
         ax.set_ylim(bottom=0)
-        ax.set_title(f"Train at 64, test longer: {title}")
+        ax.set_title(f"{title}: {data}")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "extrapolation.png", dpi=110)
-    plt.close(fig)
-
-
-def plot_learning_curves(runs, out):
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, name, title in zip(axes, ["text", "small"], ["all training files", "every 20th training record (5 %)"]):
-        band_plot(ax, runs, name, lambda r: np.array(r["curve_x"]) / 1e3, lambda r: r["curve_y"],
-                  "training characters seen (thousands)", "held-out bits per character at length 64")
-        ax.set_ylim(bottom=0)
-        ax.set_title(f"Learning curves: {title}")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "learning_curves.png", dpi=110)
+    fig.savefig(out / file, dpi=110)
     plt.close(fig)
 
 
@@ -171,11 +160,13 @@ def plot_biases(runs, out, name, file, log_x):
             ax.axvline(run["seq"], color="black", linestyle=":", linewidth=0.8, label="training length")
         else:
             ax.axvspan(5, 9, color="yellow", alpha=0.2, label="k = 5..9")
-        lo, hi = heads[:, shown].min(), heads[:, shown].max()
-        ax.set_ylim(min(lo, -1) - 0.5, max(hi, 1) + 0.5)
+        # One scale for every panel. Below -20 a key's weight is under e^-20 = 2e-9 of the
+        # row's, as good as masked, so the axis stops there (KERPLE power reaches -1e6 at 1024).
+        hi = heads[:, shown].max()
+        ax.set_ylim(max(heads[:, shown].min(), CLIP) - 0.5, max(hi, 1) + 0.5)
         ax.set_title(f"{scheme} (seed {run['seed']}, query at {run['bias_query_position']})", fontsize=9)
         ax.set_xlabel("distance i - j (positions" + (", log scale)" if log_x else ")"))
-        ax.set_ylabel("bias added to the score (nats)")
+        ax.set_ylabel(f"bias added to the score (nats, clipped at {CLIP})")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -267,8 +258,12 @@ def main():
     date = datetime.datetime.fromtimestamp(last_run, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     seeds = sorted({r["seed"] for group in runs.values() for r in group})
 
-    plot_extrapolation(runs, out)
-    plot_learning_curves(runs, out)
+    plot_text_panels(runs, out, "extrapolation.png", "Train at 64, test longer", lambda r: r["eval_lengths"],
+                     lambda r: r["eval_bpc"], "evaluation length (characters, log scale)", "held-out bits per character",
+                     log_x=True)
+    plot_text_panels(runs, out, "learning_curves.png", "Learning curves", lambda r: np.array(r["curve_x"]) / 1e3,
+                     lambda r: r["curve_y"], "training characters seen (thousands)",
+                     "held-out bits per character at length 64", log_x=False)
     plot_probe(runs, out)
     plot_biases(runs, out, "text", "biases_text.png", log_x=True)
     plot_biases(runs, out, "probe", "biases_probe.png", log_x=False)

@@ -9,6 +9,7 @@ OMP_NUM_THREADS=1: at this model size (64 x 64 score tiles) two single-threaded 
 both cores busier than one process with two threads.
 """
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -19,9 +20,9 @@ SCHEMES = ["no_bias", "alibi", "kerple_power", "kerple_log", "t5", "per_offset",
 
 # name -> (task, extra arguments, relative cost for the time estimate)
 FULL = {
-    "text": ("text", ["--steps", "600"], 1.0),
-    "small": ("text", ["--steps", "400", "--keep-every", "20"], 0.7),
-    "probe": ("probe", ["--steps", "400", "--batch", "32", "--lr", "0.01", "--eval-every", "25"], 0.7),
+    "text": ("text", ["--steps", "400"], 1.0),
+    "small": ("text", ["--steps", "300", "--keep-every", "20"], 0.8),
+    "probe": ("probe", ["--steps", "400", "--batch", "32", "--lr", "0.01", "--eval-every", "25"], 1.0),
 }
 QUICK = {
     "text": ("text", ["--steps", "40", "--eval-every", "10", "--final-eval-chars", "8192", "--curve-eval-chars", "2048"], 1.0),
@@ -67,7 +68,10 @@ def main():
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         list(pool.map(run, todo))
-    print(f"quality: all runs done in {time.time() - start:.0f} s", flush=True)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = usage.ru_utime + usage.ru_stime
+    print(f"quality: all runs done in {time.time() - start:.0f} s; their CPU time {cpu:.0f} s "
+          f"(about {cpu / 2:.0f} s on two otherwise idle cores)", flush=True)
 
 
 if __name__ == "__main__":
