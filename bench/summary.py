@@ -4,7 +4,7 @@
     python3 bench/summary.py OUT_DIR
 
 Cost: forward and backward time ratio to no bias at L = 4096 (medians from OUT_DIR/targets.json,
-when the speed stage wrote it) and training time per step of the quality model. Quality: held-out
+when the speed stage wrote it) and training CPU time per step of the quality model (one thread). Quality: held-out
 bits per character at 1x and 8x the training length and probe accuracy (OUT_DIR/quality/summary.json).
 """
 import json
@@ -47,7 +47,7 @@ def main():
         print(f"  speed: median time at L = 4096 (bidirectional) relative to no bias, from {targets}")
     if quality:
         print(f"  quality: {quality['command']} on {quality['date']}, mean over seeds {quality['seeds']}")
-    header = f"{'scheme':13s} {'bias params':>11s} {'fwd time':>9s} {'bwd time':>9s} {'train ms/step':>13s} " \
+    header = f"{'scheme':13s} {'bias params':>11s} {'fwd time':>9s} {'bwd time':>9s} {'CPU ms/step':>13s} " \
              f"{'bpc 1x':>7s} {'bpc 8x':>7s} {'bpc 1x small':>12s} {'probe acc':>9s}"
     print(header)
     print("-" * len(header))
