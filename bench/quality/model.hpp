@@ -1,0 +1,312 @@
+#pragma once
+// The quality benchmark's model: a small causal transformer whose attention runs through
+// relbias::attention and relbias::attention_backward with one bias policy shared by every layer
+// (as T5 and KERPLE share theirs). Benchmark code, not library API.
+//
+//   tokens -> embedding E (V, d) -> [pre-LN block] x layers -> LN -> logits = x E^T (tied)
+//   block:  x += (attention(LN1(x) Wq, LN1(x) Wk, LN1(x) Wv) with the bias, causal) Wo
+//           x += gelu(LN2(x) W1 + c1) W2 + c2
+//
+// No absolute position embedding: the bias is the model's only positional signal, so the
+// schemes differ in exactly one place. Templated on the scalar so that the gradient test runs in
+// double; the benchmark trains in float.
+
+#include <relbias/relbias.hpp>
+
+#include <Eigen/Core>
+
+#include <cmath>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+namespace quality {
+
+using relbias::index_t;
+template <class S>
+using matrix = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class S>
+using matrix_map = Eigen::Map<matrix<S>>;
+template <class S>
+using row_vector = Eigen::Matrix<S, 1, Eigen::Dynamic>;
+
+struct model_config {
+  index_t vocab = 97;
+  index_t d_model = 64;
+  index_t heads = 4;
+  index_t layers = 2;
+  index_t mlp_ratio = 4;
+
+  index_t head_dim() const { return d_model / heads; }
+  index_t hidden() const { return mlp_ratio * d_model; }
+};
+
+/// Where one weight matrix sits in the flat parameter vector.
+struct slot {
+  index_t offset = 0, rows = 0, cols = 0;
+};
+
+struct layer_slots {
+  slot ln1_gain, ln1_shift, wq, wk, wv, wo, ln2_gain, ln2_shift, w1, c1, w2, c2;
+};
+
+/// Every model weight in one flat vector (so one optimiser state covers them all), and the
+/// named slots that view into it. Gradients use the same layout.
+struct model_layout {
+  slot embedding, final_gain, final_shift;
+  std::vector<layer_slots> layers;
+  index_t size = 0;
+
+  explicit model_layout(const model_config& c) {
+    embedding = add(c.vocab, c.d_model);
+    for (index_t l = 0; l < c.layers; ++l) {
+      layer_slots s;
+      s.ln1_gain = add(1, c.d_model), s.ln1_shift = add(1, c.d_model);
+      s.wq = add(c.d_model, c.d_model), s.wk = add(c.d_model, c.d_model), s.wv = add(c.d_model, c.d_model);
+      s.wo = add(c.d_model, c.d_model);
+      s.ln2_gain = add(1, c.d_model), s.ln2_shift = add(1, c.d_model);
+      s.w1 = add(c.d_model, c.hidden()), s.c1 = add(1, c.hidden());
+      s.w2 = add(c.hidden(), c.d_model), s.c2 = add(1, c.d_model);
+      layers.push_back(s);
+    }
+    final_gain = add(1, c.d_model), final_shift = add(1, c.d_model);
+  }
+
+ private:
+  slot add(index_t rows, index_t cols) {
+    const slot s{size, rows, cols};
+    size += rows * cols;
+    return s;
+  }
+};
+
+template <class S>
+matrix_map<S> view(std::vector<S>& flat, const slot& s) {
+  return matrix_map<S>(flat.data() + s.offset, s.rows, s.cols);
+}
+template <class S>
+Eigen::Map<const matrix<S>> view(const std::vector<S>& flat, const slot& s) {
+  return Eigen::Map<const matrix<S>>(flat.data() + s.offset, s.rows, s.cols);
+}
+
+/// GPT-2's initialisation: N(0, 0.02) for matrices, LN gains 1, shifts and biases 0; the
+/// residual output projections (Wo, W2) scaled by 1/sqrt(2 layers).
+template <class S>
+std::vector<S> initial_weights(const model_config& c, const model_layout& layout, std::uint64_t seed) {
+  std::vector<S> w(std::size_t(layout.size), S(0));
+  relbias::detail::random_stream rng(seed);
+  auto normal = [&](const slot& s, double std) {
+    for (S& x : view(w, s).reshaped()) x = S(rng.normal(0.0, std));
+  };
+  const double residual_std = 0.02 / std::sqrt(2.0 * double(c.layers));
+  normal(layout.embedding, 0.02);
+  for (const layer_slots& s : layout.layers) {
+    view(w, s.ln1_gain).setOnes(), view(w, s.ln2_gain).setOnes();
+    normal(s.wq, 0.02), normal(s.wk, 0.02), normal(s.wv, 0.02), normal(s.wo, residual_std);
+    normal(s.w1, 0.02), normal(s.w2, residual_std);
+  }
+  view(w, layout.final_gain).setOnes();
+  return w;
+}
+
+// ---- Pieces with their own backward -----------------------------------------------------------
+
+/// Layer norm over each row (eps 1e-5, PyTorch's); keeps what its backward needs.
+template <class S>
+struct layer_norm {
+  matrix<S> normalised;              // (N, d) (x - mean) * rstd
+  Eigen::Matrix<S, Eigen::Dynamic, 1> rstd;  // (N)
+
+  matrix<S> forward(const matrix<S>& x, const row_vector<S>& gain, const row_vector<S>& shift) {
+    const S eps = S(1e-5);
+    const auto mean = x.rowwise().mean();
+    normalised = x.colwise() - mean;
+    rstd = (normalised.array().square().rowwise().mean() + eps).rsqrt();
+    normalised.array().colwise() *= rstd.array();
+    return (normalised.array().rowwise() * gain.array()).rowwise() + shift.array();
+  }
+
+  /// dx from dy; adds into the gain and shift gradients.
+  matrix<S> backward(const matrix<S>& dy, const row_vector<S>& gain, matrix_map<S> d_gain, matrix_map<S> d_shift) const {
+    d_gain += (dy.array() * normalised.array()).colwise().sum().matrix();
+    d_shift += dy.colwise().sum();
+    const matrix<S> dn = dy.array().rowwise() * gain.array();
+    const auto mean_dn = dn.rowwise().mean();
+    const auto mean_dn_n = (dn.array() * normalised.array()).rowwise().mean();
+    matrix<S> dx = dn.colwise() - mean_dn;
+    dx.array() -= normalised.array().colwise() * mean_dn_n;
+    dx.array().colwise() *= rstd.array();
+    return dx;
+  }
+};
+
+/// GELU, tanh approximation (GPT-2's).
+template <class S>
+S gelu(S x) {
+  const S k = S(0.7978845608028654), a = S(0.044715);
+  return S(0.5) * x * (S(1) + std::tanh(k * (x + a * x * x * x)));
+}
+template <class S>
+S gelu_derivative(S x) {
+  const S k = S(0.7978845608028654), a = S(0.044715);
+  const S t = std::tanh(k * (x + a * x * x * x));
+  return S(0.5) * (S(1) + t) + S(0.5) * x * (S(1) - t * t) * k * (S(1) + S(3) * a * x * x);
+}
+
+/// What one block's backward needs from its forward.
+template <class S>
+struct block_cache {
+  matrix<S> q, k, v, o;    // (N, d) each = [batch, seq, heads, head_dim]
+  std::vector<S> lse;      // [batch][heads][seq]
+  matrix<S> mlp_pre;       // (N, hidden) before GELU
+  matrix<S> mlp_act;       // (N, hidden) after GELU
+  layer_norm<S> ln1, ln2;
+  matrix<S> ln1_out, ln2_out;
+};
+
+/// The model around one bias policy. forward() returns the mean cross-entropy in nats over the
+/// scored positions and keeps what backward() needs; backward() fills the weight gradient and
+/// adds the bias-parameter gradient (summed over the layers that share the policy).
+template <class S, class Bias>
+class model {
+ public:
+  model(const model_config& config, std::uint64_t seed)
+      : config_(config), layout_(config), weights_(initial_weights<S>(config, layout_, seed)),
+        grad_(std::size_t(layout_.size), S(0)) {}
+
+  const model_config& config() const { return config_; }
+  const model_layout& layout() const { return layout_; }
+  std::vector<S>& weights() { return weights_; }
+  std::vector<S>& gradient() { return grad_; }
+
+  /// tokens, targets: (batch * seq) row-major; a negative target is not scored. Returns the mean
+  /// loss (nats) over scored positions; per_position, if not empty, receives each position's loss.
+  S forward(const Bias& bias, std::span<const int> tokens, std::span<const int> targets, index_t batch, index_t seq,
+            std::span<S> per_position = {}) {
+    batch_ = batch, seq_ = seq;
+    tokens_.assign(tokens.begin(), tokens.end());
+    const index_t n = batch * seq;
+    const auto embedding = view(weights_, layout_.embedding);
+    matrix<S> x(n, config_.d_model);
+    for (index_t r = 0; r < n; ++r) x.row(r) = embedding.row(tokens[std::size_t(r)]);
+    caches_.resize(std::size_t(config_.layers));
+    for (index_t l = 0; l < config_.layers; ++l) x = block_forward(bias, l, x);
+
+    const matrix<S> final_out = final_norm_.forward(x, row(layout_.final_gain), row(layout_.final_shift));
+    logits_ = final_out * embedding.transpose();  // (N, V)
+    return softmax_cross_entropy(targets, per_position);
+  }
+
+  /// Call after forward() with the same bias. Overwrites gradient(); adds into bias_grad (laid
+  /// out like bias.parameters(); empty for policies without parameters).
+  void backward(const Bias& bias, std::span<S> bias_grad) {
+    std::fill(grad_.begin(), grad_.end(), S(0));
+    const auto embedding = view(weights_, layout_.embedding);
+    auto d_embedding = view(grad_, layout_.embedding);
+    // logits = F E^T: dF = dlogits E, dE += dlogits^T F.
+    const matrix<S> final_out = (final_norm_.normalised.array().rowwise() * row(layout_.final_gain).array()).rowwise() +
+                                row(layout_.final_shift).array();
+    d_embedding.noalias() += d_logits_.transpose() * final_out;
+    const matrix<S> d_final = d_logits_ * embedding;
+    matrix<S> dx = final_norm_.backward(d_final, row(layout_.final_gain), view(grad_, layout_.final_gain),
+                                        view(grad_, layout_.final_shift));
+    for (index_t l = config_.layers - 1; l >= 0; --l) dx = block_backward(bias, l, dx, bias_grad);
+    for (index_t r = 0; r < dx.rows(); ++r) d_embedding.row(tokens_[std::size_t(r)]) += dx.row(r);
+  }
+
+  /// The logits of the last forward, (batch * seq, vocab).
+  const matrix<S>& logits() const { return logits_; }
+
+ private:
+  row_vector<S> row(const slot& s) const { return view(weights_, s); }
+
+  relbias::tensor_view<const S> heads_view(const matrix<S>& m) const {
+    return relbias::bshd<const S>(m.data(), batch_, seq_, config_.heads, config_.head_dim());
+  }
+  relbias::tensor_view<S> heads_view(matrix<S>& m) const {
+    return relbias::bshd<S>(m.data(), batch_, seq_, config_.heads, config_.head_dim());
+  }
+  static relbias::attention_options<S> causal() { return {.mask = relbias::masking::causal}; }
+
+  matrix<S> block_forward(const Bias& bias, index_t l, const matrix<S>& x) {
+    const layer_slots& s = layout_.layers[std::size_t(l)];
+    block_cache<S>& c = caches_[std::size_t(l)];
+    c.ln1_out = c.ln1.forward(x, row(s.ln1_gain), row(s.ln1_shift));
+    c.q = c.ln1_out * view(weights_, s.wq);
+    c.k = c.ln1_out * view(weights_, s.wk);
+    c.v = c.ln1_out * view(weights_, s.wv);
+    c.o.resize(x.rows(), config_.d_model);
+    c.lse.resize(std::size_t(batch_ * config_.heads * seq_));
+    relbias::attention(heads_view(c.q), heads_view(c.k), heads_view(c.v), bias, causal(), heads_view(c.o),
+                       std::span<S>(c.lse));
+    matrix<S> y = x + c.o * view(weights_, s.wo);
+
+    c.ln2_out = c.ln2.forward(y, row(s.ln2_gain), row(s.ln2_shift));
+    c.mlp_pre = (c.ln2_out * view(weights_, s.w1)).rowwise() + row(s.c1);
+    c.mlp_act = c.mlp_pre.unaryExpr([](S v) { return gelu(v); });
+    y.noalias() += c.mlp_act * view(weights_, s.w2);
+    y.rowwise() += row(s.c2);
+    return y;
+  }
+
+  matrix<S> block_backward(const Bias& bias, index_t l, const matrix<S>& dy, std::span<S> bias_grad) {
+    const layer_slots& s = layout_.layers[std::size_t(l)];
+    const block_cache<S>& c = caches_[std::size_t(l)];
+    // MLP: y = x1 + gelu(LN2(x1) W1 + c1) W2 + c2
+    view(grad_, s.c2) += dy.colwise().sum();
+    view(grad_, s.w2).noalias() += c.mlp_act.transpose() * dy;
+    const matrix<S> d_pre = (dy * view(weights_, s.w2).transpose()).cwiseProduct(
+        c.mlp_pre.unaryExpr([](S v) { return gelu_derivative(v); }));
+    view(grad_, s.c1) += d_pre.colwise().sum();
+    view(grad_, s.w1).noalias() += c.ln2_out.transpose() * d_pre;
+    const matrix<S> d_ln2 = d_pre * view(weights_, s.w1).transpose();
+    const matrix<S> dx1 = dy + c.ln2.backward(d_ln2, row(s.ln2_gain), view(grad_, s.ln2_gain), view(grad_, s.ln2_shift));
+
+    // Attention: x1 = x + attention(...) Wo
+    view(grad_, s.wo).noalias() += c.o.transpose() * dx1;
+    const matrix<S> d_o = dx1 * view(weights_, s.wo).transpose();
+    matrix<S> dq(c.q.rows(), c.q.cols()), dk(c.k.rows(), c.k.cols()), dv(c.v.rows(), c.v.cols());
+    relbias::attention_backward(heads_view(c.q), heads_view(c.k), heads_view(c.v), heads_view(c.o), heads_view(d_o),
+                                std::span<const S>(c.lse), bias, causal(), heads_view(dq), heads_view(dk),
+                                heads_view(dv), bias_grad);
+    view(grad_, s.wq).noalias() += c.ln1_out.transpose() * dq;
+    view(grad_, s.wk).noalias() += c.ln1_out.transpose() * dk;
+    view(grad_, s.wv).noalias() += c.ln1_out.transpose() * dv;
+    const matrix<S> d_ln1 =
+        dq * view(weights_, s.wq).transpose() + dk * view(weights_, s.wk).transpose() + dv * view(weights_, s.wv).transpose();
+    return dx1 + c.ln1.backward(d_ln1, row(s.ln1_gain), view(grad_, s.ln1_gain), view(grad_, s.ln1_shift));
+  }
+
+  /// Mean cross-entropy over scored targets; leaves dloss/dlogits in d_logits_.
+  S softmax_cross_entropy(std::span<const int> targets, std::span<S> per_position) {
+    d_logits_.setZero(logits_.rows(), logits_.cols());
+    index_t scored = 0;
+    for (int t : targets) scored += t >= 0;
+    double total = 0;
+    for (index_t r = 0; r < logits_.rows(); ++r) {
+      const int target = targets[std::size_t(r)];
+      const S row_max = logits_.row(r).maxCoeff();
+      const auto shifted = (logits_.row(r).array() - row_max).eval();
+      const S log_sum = std::log(shifted.exp().sum());
+      const S loss = target >= 0 ? log_sum - shifted[target] : S(0);
+      if (!per_position.empty()) per_position[std::size_t(r)] = loss;
+      if (target < 0) continue;
+      total += double(loss);
+      d_logits_.row(r) = (shifted - log_sum).exp().matrix() / S(scored);
+      d_logits_(r, target) -= S(1) / S(scored);
+    }
+    return scored > 0 ? S(total / double(scored)) : S(0);
+  }
+
+ private:
+  model_config config_;
+  model_layout layout_;
+  std::vector<S> weights_, grad_;
+  index_t batch_ = 0, seq_ = 0;
+  std::vector<block_cache<S>> caches_;
+  layer_norm<S> final_norm_;
+  matrix<S> logits_, d_logits_;
+  std::vector<int> tokens_;  // of the last forward, for the embedding gradient
+};
+
+}  // namespace quality

@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Runs every quality-benchmark training run, two processes at a time, with progress.
+
+    python3 bench/quality/run.py BENCH_QUALITY_EXECUTABLE OUT_DIR [--quick]
+
+Writes OUT_DIR/runs/<task>_<scheme>_s<seed>.json (one per run) and prints, after each run, what
+finished, how long it took and an estimate of the time left. Every run is one process with
+OMP_NUM_THREADS=1: at this model size (64 x 64 score tiles) two single-threaded processes keep
+both cores busier than one process with two threads.
+"""
+import os
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+SCHEMES = ["no_bias", "alibi", "kerple_power", "kerple_log", "t5", "per_offset", "fire"]
+
+# name -> (task, extra arguments, relative cost for the time estimate)
+FULL = {
+    "text": ("text", ["--steps", "400"], 1.0),
+    "small": ("text", ["--steps", "300", "--keep-every", "20"], 0.8),
+    "probe": ("probe", ["--steps", "400", "--batch", "32", "--lr", "0.01", "--eval-every", "25"], 1.0),
+}
+QUICK = {
+    "text": ("text", ["--steps", "40", "--eval-every", "10", "--final-eval-chars", "8192", "--curve-eval-chars", "2048"], 1.0),
+    "small": ("text", ["--steps", "40", "--eval-every", "10", "--keep-every", "20", "--final-eval-chars", "8192",
+                       "--curve-eval-chars", "2048"], 1.0),
+    "probe": ("probe", ["--steps", "40", "--batch", "32", "--lr", "0.01", "--eval-every", "10"], 0.6),
+}
+
+
+def jobs(quick):
+    plan = QUICK if quick else FULL
+    seeds = [0] if quick else [0, 1]
+    return [(name, scheme, seed, *plan[name]) for name in plan for seed in seeds for scheme in SCHEMES]
+
+
+def main():
+    executable, out = sys.argv[1], Path(sys.argv[2])
+    quick = "--quick" in sys.argv
+    runs = out / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    todo = jobs(quick)
+    total_cost = sum(job[-1] for job in todo)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    start = time.time()
+    done = {"cost": 0.0, "count": 0}
+    print(f"quality: {len(todo)} runs ({'quick' if quick else 'full'}), 2 at a time", flush=True)
+
+    def run(job):
+        name, scheme, seed, task, extra, cost = job
+        path = runs / f"{name}_{scheme}_s{seed}.json"
+        t0 = time.time()
+        result = subprocess.run([executable, "--task", task, "--scheme", scheme, "--seed", str(seed),
+                                 "--out", str(path), *extra], env=env, capture_output=True, text=True)
+        (runs / f"{name}_{scheme}_s{seed}.log").write_text(result.stdout + result.stderr)
+        if result.returncode != 0:
+            raise RuntimeError(f"{name} {scheme} seed {seed} failed:\n{result.stderr}")
+        done["cost"] += cost
+        done["count"] += 1
+        elapsed = time.time() - start
+        left = elapsed / done["cost"] * (total_cost - done["cost"])
+        print(f"  [{done['count']:2d}/{len(todo)}] {name:5s} {scheme:12s} seed {seed}: {time.time() - t0:5.1f} s"
+              f"  ({elapsed:4.0f} s elapsed, about {left:4.0f} s left)", flush=True)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(run, todo))
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = usage.ru_utime + usage.ru_stime
+    print(f"quality: all runs done in {time.time() - start:.0f} s; their CPU time {cpu:.0f} s "
+          f"(about {cpu / 2:.0f} s on two otherwise idle cores)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
