@@ -236,6 +236,13 @@ struct ring {
   int owner(int step) const noexcept { return (rank - step % size + size) % size; }
 };
 
+inline index_t max_window_length(const ring_layout& layout) {
+  index_t longest = 0;
+  for (int r = 0; r < layout.ranks(); ++r)
+    for (const shard_window& w : layout.windows(r)) longest = std::max(longest, w.count);
+  return longest;
+}
+
 /// Attention options for one (query window, key window) pair: global positions.
 template <class S>
 attention_options<S> window_options(const attention_options<S>& base, const shard_window& qw, const shard_window& kw) {
@@ -312,8 +319,9 @@ void ring_forward(const ring& ring, const tensor_view<const S>& q, const tensor_
 
   zero_rows(o);
   std::fill(lse.begin(), lse.end(), -std::numeric_limits<S>::infinity());
-  tensor<S> part(q.batch, capacity, q.heads, v.dim);  // one window's partial O (its first rows)
-  std::vector<S> part_lse(std::size_t(q.batch * q.heads * capacity));
+  const index_t window_capacity = max_window_length(ring.layout);
+  tensor<S> part(q.batch, window_capacity, q.heads, v.dim);  // one window's partial O (its first rows)
+  std::vector<S> part_lse(std::size_t(q.batch * q.heads * window_capacity));
   const auto& query_windows = ring.layout.windows(ring.rank);
 
   for (int step = 0; step < ring.size; ++step) {
@@ -365,13 +373,13 @@ template <class S, class Bias>
 void ring_backward(const ring& ring, const backward_inputs<S>& in, const Bias& bias, const attention_options<S>& options,
                    const tensor_view<S>& dq, const tensor_view<S>& dk, const tensor_view<S>& dv, std::span<S> bias_grad) {
   const auto& q = in.q;
-  const index_t capacity = ring.layout.max_shard_length();
-  const block_buffer<S> empty(q.batch, capacity, in.k.heads, in.k.dim, in.v.dim);
-  block_buffer<S> current = empty, incoming = empty;  // K, V
-  block_buffer<S> contribution = empty;               // this rank's dK, dV of the visiting block
-  block_buffer<S> accumulated[2] = {empty, empty};    // a block's dK, dV summed along the ring
-  block_buffer<S> call = empty;                       // one kernel call's dK, dV
-  tensor<S> dq_call(q.batch, capacity, q.heads, q.dim);
+  const auto block = [&](index_t rows) { return block_buffer<S>(q.batch, rows, in.k.heads, in.k.dim, in.v.dim); };
+  const index_t capacity = ring.layout.max_shard_length(), window_capacity = max_window_length(ring.layout);
+  block_buffer<S> current = block(capacity), incoming = block(capacity);  // K, V
+  block_buffer<S> contribution = block(capacity);  // this rank's dK, dV of the visiting block
+  block_buffer<S> accumulated[2] = {block(capacity), block(capacity)};  // a block's dK, dV summed along the ring
+  block_buffer<S> call = block(window_capacity);   // one kernel call's dK, dV
+  tensor<S> dq_call(q.batch, window_capacity, q.heads, q.dim);
   current.set_rows(in.k.seq);
   copy_rows(in.k, 0, current.first(), 0, in.k.seq);
   copy_rows(in.v, 0, current.second(), 0, in.k.seq);
