@@ -104,13 +104,13 @@ pass_times time_single(const Bias& bias, buffers& b, const attention_options<flo
 }
 
 template <class Bias>
-pass_times time_ring(const Bias& bias, buffers& b, const rd::ring_options<float>& options) {
+pass_times time_ring(const Bias& bias, buffers& b, const rd::ring_options<float>& options, rd::ring_workspace<float>& workspace) {
   MPI_Barrier(MPI_COMM_WORLD);
   const double t0 = MPI_Wtime();
-  rd::ring_attention(b.q.view(), b.k.view(), b.v.view(), bias, options, b.o.view(), b.lse, MPI_COMM_WORLD);
+  rd::ring_attention(b.q.view(), b.k.view(), b.v.view(), bias, options, b.o.view(), b.lse, MPI_COMM_WORLD, workspace);
   const double t1 = MPI_Wtime();
   rd::ring_attention_backward(b.q.view(), b.k.view(), b.v.view(), b.o.view(), b.d_out.view(), b.lse, bias, options,
-                              b.dq.view(), b.dk.view(), b.dv.view(), b.bias_grad, MPI_COMM_WORLD);
+                              b.dq.view(), b.dk.view(), b.dv.view(), b.bias_grad, MPI_COMM_WORLD, workspace);
   pass_times local{t1 - t0, MPI_Wtime() - t1}, slowest{};
   MPI_Allreduce(&local, &slowest, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);  // the ring is as fast as its slowest rank
   return slowest;
@@ -124,6 +124,7 @@ void speed(const char* name, index_t length, int repetitions) {
     const rd::sharding mode = mask == masking::causal ? rd::sharding::zigzag : rd::sharding::contiguous;
     const rd::ring_layout layout(length, ranks, mode);
     buffers shard(layout.shard_length(rank), dim, parameter_count(bias));
+    rd::ring_workspace<float> workspace;  // reused across repetitions, as in training
     std::vector<double> single_fwd, single_bwd, ring_fwd, ring_bwd;
     for (int rep = 0; rep < repetitions; ++rep) {
       if (rank == 0) {
@@ -132,7 +133,7 @@ void speed(const char* name, index_t length, int repetitions) {
         single_fwd.push_back(t.forward), single_bwd.push_back(t.backward);
       }
       quiet_barrier();
-      const auto t = time_ring(bias, shard, {{.mask = mask, .num_threads = 1}, mode});
+      const auto t = time_ring(bias, shard, {{.mask = mask, .num_threads = 1}, mode}, workspace);
       ring_fwd.push_back(t.forward), ring_bwd.push_back(t.backward);
     }
     if (rank == 0) {
@@ -151,7 +152,8 @@ void memory(const char* name, index_t length) {
   const Bias bias = make_bias<Bias>(masking::causal);
   const rd::ring_layout layout(length, ranks, rd::sharding::zigzag);
   buffers shard(layout.shard_length(rank), dim, parameter_count(bias));
-  const auto t = time_ring(bias, shard, {{.mask = masking::causal, .num_threads = 1}, rd::sharding::zigzag});
+  rd::ring_workspace<float> workspace;
+  const auto t = time_ring(bias, shard, {{.mask = masking::causal, .num_threads = 1}, rd::sharding::zigzag}, workspace);
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
   const double peak_mib = double(usage.ru_maxrss) / 1024.0;  // ru_maxrss is in KiB on Linux

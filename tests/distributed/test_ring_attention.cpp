@@ -125,14 +125,20 @@ results<S> single_process(const Bias& bias, const shape& c, const problem<S>& p,
 
 template <class Bias, class S = typename Bias::scalar_type>
 results<S> ring_run(const Bias& bias, const shape& c, const problem<S>& p, const ring_options<S>& options,
-                    const ring_layout& layout) {
+                    const ring_layout& layout, ring_workspace<S>* workspace = nullptr) {
   const int rank = world_rank();
   const auto q = shard<S>(p.q.view(), layout, rank), k = shard<S>(p.k.view(), layout, rank),
              v = shard<S>(p.v.view(), layout, rank), d_out = shard<S>(p.d_out.view(), layout, rank);
   results<S> r = empty_results(bias, c, layout.shard_length(rank));
-  ring_attention(q.view(), k.view(), v.view(), bias, options, r.o.view(), std::span<S>(r.lse), MPI_COMM_WORLD);
-  ring_attention_backward(q.view(), k.view(), v.view(), r.o.view(), d_out.view(), std::span<const S>(r.lse), bias, options,
-                          r.dq.view(), r.dk.view(), r.dv.view(), std::span<S>(r.bias_grad), MPI_COMM_WORLD);
+  if (workspace) {
+    ring_attention(q.view(), k.view(), v.view(), bias, options, r.o.view(), std::span<S>(r.lse), MPI_COMM_WORLD, *workspace);
+    ring_attention_backward(q.view(), k.view(), v.view(), r.o.view(), d_out.view(), std::span<const S>(r.lse), bias, options,
+                            r.dq.view(), r.dk.view(), r.dv.view(), std::span<S>(r.bias_grad), MPI_COMM_WORLD, *workspace);
+  } else {
+    ring_attention(q.view(), k.view(), v.view(), bias, options, r.o.view(), std::span<S>(r.lse), MPI_COMM_WORLD);
+    ring_attention_backward(q.view(), k.view(), v.view(), r.o.view(), d_out.view(), std::span<const S>(r.lse), bias, options,
+                            r.dq.view(), r.dk.view(), r.dv.view(), std::span<S>(r.bias_grad), MPI_COMM_WORLD);
+  }
   return r;
 }
 
@@ -215,7 +221,15 @@ TEST_CASE("ring_attention_backward: same inputs, ranks and threads give the same
   fire<float> bias{4, 7, fire_config{.width = 8, .init_L = 10}};
   const ring_options<float> options{{.mask = masking::causal, .num_threads = 2}, sharding::zigzag};
   const ring_layout layout(c.length, world_size(), sharding::zigzag);
-  const results<float> first = ring_run(bias, c, p, options, layout), second = ring_run(bias, c, p, options, layout);
+  // The second run reuses a workspace grown by a longer sequence in the other layout.
+  ring_workspace<float> workspace;
+  const shape longer{.length = 70};
+  ring_run(bias, longer, make_problem<float>(longer), {options.attention, sharding::contiguous},
+           ring_layout(longer.length, world_size(), sharding::contiguous), &workspace);
+  const std::size_t grown = workspace.bytes();
+  CHECK(grown > 0);
+  const results<float> first = ring_run(bias, c, p, options, layout), second = ring_run(bias, c, p, options, layout, &workspace);
+  CHECK(workspace.bytes() == grown);
   const auto same = [](const tensor<float>& a, const tensor<float>& b) {
     return std::memcmp(a.data(), b.data(), sizeof(float) * std::size_t(a.size())) == 0;
   };
