@@ -1,5 +1,6 @@
 // The fused backward against the reference backward, and its determinism.
 #include "catch.hpp"
+#include "learned_wave.hpp"
 #include "random_tensors.hpp"
 
 #include <relbias/attention.hpp>
@@ -18,32 +19,11 @@
 #include <vector>
 
 using namespace relbias;
+using relbias_test::learned_wave;
 using relbias_test::max_relative_error;
 using relbias_test::random_tensor;
 
 namespace {
-
-// A learned policy with only the per-cell gradient: exercises the generic accumulator.
-// bias(h, i, j) = a_h * sin(0.3 i - 0.5 j)
-template <class S>
-class learned_wave {
- public:
-  using scalar_type = S;
-  static constexpr bool is_learned = true;
-  explicit learned_wave(index_t heads) : amplitude_(param_vector<S>::LinSpaced(heads, S(0.5), S(1.5))) {}
-  index_t num_heads() const { return amplitude_.size(); }
-  S operator()(index_t h, index_t i, index_t j) const { return amplitude_[h] * wave(i, j); }
-  Eigen::Map<param_vector<S>> parameters() { return {amplitude_.data(), amplitude_.size()}; }
-  Eigen::Map<const param_vector<S>> parameters() const { return {amplitude_.data(), amplitude_.size()}; }
-  void accumulate_gradient(index_t h, index_t i, index_t j, S d_bias, std::span<S> grad) const {
-    grad[std::size_t(h)] += d_bias * wave(i, j);
-  }
-
- private:
-  static S wave(index_t i, index_t j) { return std::sin(S(0.3) * S(i) - S(0.5) * S(j)); }
-  param_vector<S> amplitude_;
-};
-static_assert(cell_differentiable_bias<learned_wave<double>>);
 
 struct shape {
   index_t batch = 1, lq = 6, lk = 6, hq = 2, hk = 2, dim = 8, dim_v = 8;

@@ -5,6 +5,7 @@
 // Comparisons use CHECK, never REQUIRE: a rank that left a test case early would leave the
 // others waiting in a collective.
 #include "catch.hpp"
+#include "learned_wave.hpp"
 #include "random_tensors.hpp"
 
 #include <relbias/attention.hpp>
@@ -28,6 +29,8 @@
 
 using namespace relbias;
 using namespace relbias::distributed;
+using relbias_test::learned_wave;
+using relbias_test::max_relative_error;
 using relbias_test::random_tensor;
 
 namespace {
@@ -44,45 +47,9 @@ int world_size() {
   return size;
 }
 
-// A user's learned policy that depends on both absolute positions (not shift-invariant), with
-// only the per-cell gradient: bias(h, i, j) = a_h * sin(0.3 i - 0.5 j).
-template <class S>
-class learned_wave {
- public:
-  using scalar_type = S;
-  static constexpr bool is_learned = true;
-  explicit learned_wave(index_t heads) : amplitude_(param_vector<S>::LinSpaced(heads, S(0.5), S(1.5))) {}
-  index_t num_heads() const { return amplitude_.size(); }
-  S operator()(index_t h, index_t i, index_t j) const { return amplitude_[h] * wave(i, j); }
-  Eigen::Map<param_vector<S>> parameters() { return {amplitude_.data(), amplitude_.size()}; }
-  Eigen::Map<const param_vector<S>> parameters() const { return {amplitude_.data(), amplitude_.size()}; }
-  void accumulate_gradient(index_t h, index_t i, index_t j, S d_bias, std::span<S> grad) const {
-    grad[std::size_t(h)] += d_bias * wave(i, j);
-  }
-
- private:
-  static S wave(index_t i, index_t j) { return std::sin(S(0.3) * S(i) - S(0.5) * S(j)); }
-  param_vector<S> amplitude_;
-};
 
 template <class S>
 constexpr double tolerance() { return std::is_same_v<S, float> ? 1e-5 : 1e-12; }
-
-/// max |a - b| / max(|b|, 1); equal infinities (lse of rows that see nothing) count as equal.
-template <class S>
-double max_error(tensor_view<const S> a, tensor_view<const S> b) {
-  double worst = 0;
-  for (index_t n = 0; n < a.batch; ++n)
-    for (index_t s = 0; s < a.seq; ++s)
-      for (index_t h = 0; h < a.heads; ++h)
-        for (index_t d = 0; d < a.dim; ++d) {
-          const double x = a.row(n, s, h)[d], y = b.row(n, s, h)[d];
-          if (x == y) continue;
-          worst = std::max(worst, std::isfinite(x - y) ? std::abs(x - y) / std::max(std::abs(y), 1.0)
-                                                       : std::numeric_limits<double>::infinity());
-        }
-  return worst;
-}
 
 struct shape {
   index_t batch = 2, length = 23, hq = 4, hk = 2, dim = 8, dim_v = 6;
@@ -149,11 +116,11 @@ double worst_error(const results<S>& got, const results<S>& full, const shape& c
   const index_t rows = layout.shard_length(rank);
   const auto expected = [&](const tensor<S>& t) { return shard<S>(t.view(), layout, rank); };
   const tensor<S> lse = shard<S>(bhsd<const S>(full.lse.data(), c.batch, c.hq, c.length, 1), layout, rank);
-  double worst = std::max({max_error<S>(got.o.view(), expected(full.o).view()),
-                           max_error<S>(bhsd<const S>(got.lse.data(), c.batch, c.hq, rows, 1), lse.view()),
-                           max_error<S>(got.dq.view(), expected(full.dq).view()),
-                           max_error<S>(got.dk.view(), expected(full.dk).view()),
-                           max_error<S>(got.dv.view(), expected(full.dv).view())});
+  double worst = std::max({max_relative_error<S>(got.o.view(), expected(full.o).view()),
+                           max_relative_error<S>(bhsd<const S>(got.lse.data(), c.batch, c.hq, rows, 1), lse.view()),
+                           max_relative_error<S>(got.dq.view(), expected(full.dq).view()),
+                           max_relative_error<S>(got.dk.view(), expected(full.dk).view()),
+                           max_relative_error<S>(got.dv.view(), expected(full.dv).view())});
   for (std::size_t n = 0; n < full.bias_grad.size(); ++n)
     worst = std::max(worst, std::abs(double(got.bias_grad[n]) - full.bias_grad[n]) / std::max(std::abs(double(full.bias_grad[n])), 1.0));
   return worst;

@@ -71,7 +71,7 @@ class ring_workspace {
  public:
   /// Memory held, in bytes.
   std::size_t bytes() const noexcept;
-  detail::ring_buffers<Scalar>& buffers() noexcept { return *buffers_; }
+  detail::ring_buffers<Scalar>& buffers() noexcept { return *buffers_; }  ///< internal: the kernels' storage
 
  private:
   std::unique_ptr<detail::ring_buffers<Scalar>> buffers_ = std::make_unique<detail::ring_buffers<Scalar>>();
@@ -119,7 +119,9 @@ inline std::pair<int, int> rank_and_size(const char* where, MPI_Comm comm) {
   MPI_Finalized(&finalised);
   if (!initialised || finalised) fail(where, "MPI must be initialised (MPI_Init) and not finalised");
   if (comm == MPI_COMM_NULL) fail(where, "comm is MPI_COMM_NULL (a communicator of size 0)");
-  int rank = 0, size = 0;
+  int inter = 0, rank = 0, size = 0;
+  mpi_check(MPI_Comm_test_inter(comm, &inter), "MPI_Comm_test_inter");
+  if (inter) fail(where, "comm must be an intracommunicator, got an intercommunicator");
   mpi_check(MPI_Comm_rank(comm, &rank), "MPI_Comm_rank");
   mpi_check(MPI_Comm_size(comm, &size), "MPI_Comm_size");
   return {rank, size};
