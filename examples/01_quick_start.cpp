@@ -15,9 +15,8 @@ int main() {
 
   const relbias::alibi<float> bias{heads};  // slopes 1/4, 1/16, 1/64, 1/256
   const relbias::attention_options<float> options{.mask = relbias::masking::causal};
-  relbias::attention(relbias::bshd<const float>(q.data(), batch, seq, heads, dim),
-                     relbias::bshd<const float>(k.data(), batch, seq, heads, dim),
-                     relbias::bshd<const float>(v.data(), batch, seq, heads, dim), bias, options,
+  relbias::attention(relbias::bshd(q.data(), batch, seq, heads, dim), relbias::bshd(k.data(), batch, seq, heads, dim),
+                     relbias::bshd(v.data(), batch, seq, heads, dim), bias, options,
                      relbias::bshd(o.data(), batch, seq, heads, dim));
 
   // The first query sees only the first key, so its output is that key's value row.

@@ -67,17 +67,37 @@ struct forward_scratch {
 /// (max, sum), rescales the accumulator row, and leaves exp(score - max) in place for the P V
 /// product, with exact zeros for the hidden keys (Eigen's exp of a very negative double is a
 /// subnormal, not 0, so hidden keys never go through it).
+///   -inf scores (a bias that hides keys, or a product that overflows) weigh exactly 0; while the
+///   row has no finite score yet the whole tile is 0, never exp(-inf - -inf) = NaN.
+///   A NaN score, or +inf (softmax has no finite weights then; PyTorch gives NaN too), makes
+///   row_max NaN, which every later step keeps: the row's O and lse come out NaN.
 template <class S, class AccumulatorRow>
 void online_softmax_row(S* row, index_t visible, index_t n, S& row_max, S& row_sum, AccumulatorRow&& accumulator_row) {
   std::fill(row + visible, row + n, S(0));
   Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> scores(row, visible);
-  const S new_max = visible > 0 ? std::max(row_max, scores.maxCoeff()) : row_max;
-  if (new_max == -std::numeric_limits<S>::infinity()) return;  // nothing visible yet: P = 0
+  S tile_max = visible > 0 ? scores.template maxCoeff<Eigen::PropagateNaN>() : -std::numeric_limits<S>::infinity();
+  if (tile_max == std::numeric_limits<S>::infinity()) tile_max = std::numeric_limits<S>::quiet_NaN();
+  const S new_max = std::isnan(row_max) || std::isnan(tile_max) ? std::numeric_limits<S>::quiet_NaN()
+                                                                 : std::max(row_max, tile_max);
+  if (new_max == -std::numeric_limits<S>::infinity()) {  // no finite score yet: P = 0
+    std::fill(row, row + visible, S(0));
+    return;
+  }
   scores = (scores - new_max).exp();
-  const S rescale = std::exp(row_max - new_max);  // 0 on the first visible tile
-  if (rescale != S(1)) accumulator_row *= rescale;
+  const S rescale = row_max == -std::numeric_limits<S>::infinity() ? S(0) : std::exp(row_max - new_max);
+  if (rescale != S(1)) accumulator_row *= rescale;  // NaN rescale: the accumulator turns NaN too
   row_sum = row_sum * rescale + scores.sum();
   row_max = new_max;
+}
+
+/// Writes row r's output from the online-softmax state: O = acc / sum and lse = max + log(sum);
+/// O = 0 and lse = -inf for a row without any visible key of finite score; NaN stays NaN.
+template <class S, class OutRow, class AccumulatorRow>
+void normalise_row(S row_max, S row_sum, const AccumulatorRow& accumulator_row, OutRow&& out, S* lse) {
+  const bool empty = row_max == -std::numeric_limits<S>::infinity();
+  if (empty) out.setZero();
+  else out = accumulator_row / row_sum;
+  if (lse) *lse = empty ? -std::numeric_limits<S>::infinity() : row_max + std::log(row_sum);
 }
 
 template <class S, class Plan>
@@ -109,12 +129,8 @@ void forward_query_tile(const forward_problem<S>& pb, const Plan& plan, index_t 
 
   auto out = pb.o.rows(b, h, r0, br);  // (Br, Dv)
   for (index_t r = 0; r < br; ++r) {
-    const bool any_visible = s.row_sum[r] > S(0);
-    if (any_visible) out.row(r) = acc.row(r) / s.row_sum[r];
-    else out.row(r).setZero();
-    if (!pb.lse.empty())
-      pb.lse[std::size_t((b * pb.q.heads + h) * pb.q.seq + r0 + r)] =
-          any_visible ? s.row_max[r] + std::log(s.row_sum[r]) : -std::numeric_limits<S>::infinity();
+    S* lse = pb.lse.empty() ? nullptr : &pb.lse[std::size_t((b * pb.q.heads + h) * pb.q.seq + r0 + r)];
+    normalise_row(s.row_max[r], s.row_sum[r], acc.row(r), out.row(r), lse);
   }
 }
 
@@ -144,14 +160,20 @@ void fused_forward(const forward_problem<S>& pb, const Plan& plan) {
 /// Fused forward. q [B, Lq, Hq, D], k [B, Lk, Hk, D], v [B, Lk, Hk, Dv] (Hq a multiple of Hk:
 /// grouped- and multi-query attention), o [B, Lq, Hq, Dv]; lse, if not empty, receives
 /// B * Hq * Lq values laid out [b][h][row]. Any strides with a contiguous last axis work
-/// (bshd(), bhsd()). A row that sees no key gets O = 0 and lse = -inf.
+/// (bshd(), bhsd()). A row that sees no key of finite score gets O = 0 and lse = -inf; a NaN
+/// or +inf score among a row's visible keys makes its O and lse NaN. Throws
+/// std::invalid_argument for bad shapes, positions outside [0, 2^62], outputs that overlap
+/// inputs or themselves, a policy whose mode() contradicts options.mask (README, "Errors").
 template <bias_policy Bias, class S = typename Bias::scalar_type>
 void attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v, const Bias& bias,
                const attention_options<S>& options, output_tensor<S> o, output_span<S> lse = {}) {
   // Preconditions
   constexpr const char* where = "relbias::attention";
   detail::check_qkv(where, q, k, v, index_t(bias.num_heads()), options);
+  detail::check_bias_mode(where, bias, options);
   detail::check_outputs(where, q, v, o, lse, false);
+  detail::check_no_aliasing(where, {detail::block_of("o", o), detail::block_of("lse", lse)},
+                            {detail::block_of("q", q), detail::block_of("k", k), detail::block_of("v", v), detail::parameter_block(bias)});
 
   const detail::forward_problem<S> pb{q, k, v, o, lse, options, options.scale_for(q.dim), q.heads / k.heads, {}};
   const auto plan = detail::make_bias_plan(bias, options.window(q.seq, k.seq), detail::thread_count(options.num_threads));
@@ -163,6 +185,7 @@ template <bias_policy Bias, class S = typename Bias::scalar_type>
 attention_result<S> attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v, const Bias& bias,
                               const attention_options<S>& options = {}) {
   detail::check_qkv("relbias::attention", q, k, v, index_t(bias.num_heads()), options);
+  detail::check_result_sizes("relbias::attention", q, v);
   attention_result<S> result{tensor<S>(q.batch, q.seq, q.heads, v.dim), std::vector<S>(std::size_t(q.batch * q.heads * q.seq))};
   attention(q, k, v, bias, options, result.out.view(), std::span<S>(result.lse));
   return result;

@@ -122,10 +122,12 @@ void backward_tile(const backward_problem<S>& pb, const Plan& plan, Accumulator*
   work.dv.rows(0, 0, c0, bc).noalias() += p.transpose() * d_out_tile;
 
   dp.noalias() = d_out_tile * v_tile.transpose();
-  for (index_t r = 0; r < br; ++r) {  // dS = P o (dP - delta), written over P
+  for (index_t r = 0; r < br; ++r) {  // dS = P o (dP - delta) over the visible keys, written over P
+    const index_t i = query_position(pb.options.q_start, r0 + r);
     const S delta = pb.row_delta[std::size_t(pb.lse_index(b, h, r0 + r))];
-    p.row(r).array() *= dp.row(r).array() - delta;
-    if (bias_grad) bias_grad->add_row(h, query_position(pb.options.q_start, r0 + r), j0, bc, &p(r, 0));
+    const index_t visible = visible_key_count(pb.options.mask, i, j0, bc);  // hidden keys keep dS = 0, even in a NaN row
+    p.row(r).head(visible).array() *= dp.row(r).head(visible).array() - delta;
+    if (bias_grad) bias_grad->add_row(h, i, j0, bc, &p(r, 0));
   }
   pb.dq.rows(b, h, r0, br).noalias() += pb.scale * (p * k_tile);
   work.dk.rows(0, 0, c0, bc).noalias() += pb.scale * (p.transpose() * q_tile);
@@ -263,7 +265,13 @@ void attention_backward(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v,
   detail::check_qkv(where, q, k, v, index_t(bias.num_heads()), options);
   std::size_t parameter_count = 0;
   if constexpr (learned_bias<Bias>) parameter_count = std::size_t(bias.parameters().size());
-  detail::check_backward(where, q, k, v, o, d_out, lse, dq, dk, dv, bias_grad.size(), parameter_count);
+  detail::check_backward(where, q, k, v, o, d_out, lse, dq, dk, dv, bias_grad, parameter_count);
+  detail::check_bias_mode(where, bias, options);
+  detail::check_no_aliasing(where,
+                            {detail::block_of("dq", dq), detail::block_of("dk", dk), detail::block_of("dv", dv),
+                             detail::block_of("bias_grad", bias_grad)},
+                            {detail::block_of("q", q), detail::block_of("k", k), detail::block_of("v", v), detail::block_of("o", o),
+                             detail::block_of("d_out", d_out), detail::block_of("lse", lse), detail::parameter_block(bias)});
 
   detail::backward_problem<S> pb{q, k, v, o, d_out, lse, dq, dk, dv, options, options.scale_for(q.dim), q.heads / k.heads};
   detail::run_backward(pb, bias, bias_grad);

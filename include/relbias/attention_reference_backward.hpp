@@ -100,7 +100,11 @@ void reference_head_backward(const input_tensor<S>& q, const input_tensor<S>& k,
   const Eigen::Matrix<S, Eigen::Dynamic, 1> row_delta =
       (d_o.array() * o.matrix(b, h).array()).rowwise().sum();                                // (Lq)
   // A row without visible keys has P = 0, so its dS row is exactly 0: no gradient, no NaN.
-  const row_matrix<S> ds = (p.array() * (dp.colwise() - row_delta).array()).matrix();      // (Lq, Lk)
+  row_matrix<S> ds = (p.array() * (dp.colwise() - row_delta).array()).matrix();            // (Lq, Lk)
+  for (index_t r = 0; r < ds.rows(); ++r) {  // hidden keys get dS = 0, even from a NaN row
+    const index_t visible = visible_key_count(options.mask, query_position(options.q_start, r), options.k_start, ds.cols());
+    ds.row(r).tail(ds.cols() - visible).setZero();
+  }
 
   dq.matrix(b, h).noalias() = scale * (ds * k.matrix(b, hk));                              // (Lq, D)
   dk.matrix(b, hk).noalias() += scale * (ds.transpose() * q.matrix(b, h));                 // (Lk, D)
@@ -135,7 +139,13 @@ void reference_attention_backward(input_tensor<S> q, input_tensor<S> k, input_te
   detail::check_reference_bias_grad<Bias>(where, bias_grad.size());
   std::size_t parameter_count = 0;
   if constexpr (learned_bias<Bias>) parameter_count = std::size_t(bias.parameters().size());
-  detail::check_backward(where, q, k, v, o, d_out, lse, dq, dk, dv, bias_grad.size(), parameter_count);
+  detail::check_backward(where, q, k, v, o, d_out, lse, dq, dk, dv, bias_grad, parameter_count);
+  detail::check_bias_mode(where, bias, options);
+  detail::check_no_aliasing(where,
+                            {detail::block_of("dq", dq), detail::block_of("dk", dk), detail::block_of("dv", dv),
+                             detail::block_of("bias_grad", bias_grad)},
+                            {detail::block_of("q", q), detail::block_of("k", k), detail::block_of("v", v), detail::block_of("o", o),
+                             detail::block_of("d_out", d_out), detail::block_of("lse", lse), detail::parameter_block(bias)});
 
   for (index_t b = 0; b < q.batch; ++b) {
     for (index_t hk = 0; hk < k.heads; ++hk) {  // summed into by every query head of the group

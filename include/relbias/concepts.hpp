@@ -18,9 +18,21 @@
 #include <Eigen/Core>
 
 #include <concepts>
+#include <cstddef>
+#include <limits>
 #include <span>
 
 namespace relbias {
+
+namespace detail {
+
+/// Elements of T that one allocation can hold: the bound every size product is checked against.
+template <class T>
+constexpr index_t max_elements() noexcept {
+  return index_t(std::numeric_limits<std::ptrdiff_t>::max() / index_t(sizeof(T)));
+}
+
+}  // namespace detail
 
 /// Flat parameter and gradient storage of learned policies.
 template <class Scalar>

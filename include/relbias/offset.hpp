@@ -11,7 +11,7 @@
 
 #include "relbias/config.hpp"
 
-#include <Eigen/Core>
+#include "relbias/detail/eigen.hpp"
 
 #include <algorithm>
 #include <stdexcept>

@@ -7,7 +7,10 @@
 
 #include <Eigen/Core>
 
+#include <cstddef>
+#include <limits>
 #include <span>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -37,7 +40,11 @@ struct tensor_view {
 
   /// Positions [first, first + count) of the sequence axis, same memory (a KV-cache prefix, one
   /// decoding step's query).
+  /// Throws std::invalid_argument unless 0 <= first and 0 <= count <= seq - first.
   tensor_view positions(index_t first, index_t count) const {
+    if (first < 0 || count < 0 || first > seq || count > seq - first)
+      throw std::invalid_argument("relbias::tensor_view::positions: need 0 <= first and first + count <= seq = " +
+                                  std::to_string(seq) + ", got first=" + std::to_string(first) + ", count=" + std::to_string(count));
     return {data + first * seq_stride, batch, count, heads, dim, batch_stride, seq_stride, head_stride};
   }
 
@@ -74,8 +81,9 @@ template <class Scalar>
 class tensor {
  public:
   tensor() = default;
+  /// Throws std::invalid_argument for a negative extent or a size that overflows.
   tensor(index_t batch, index_t seq, index_t heads, index_t dim)
-      : storage_(static_cast<std::size_t>(batch * seq * heads * dim)), batch_(batch), seq_(seq), heads_(heads), dim_(dim) {}
+      : storage_(element_count(batch, seq, heads, dim)), batch_(batch), seq_(seq), heads_(heads), dim_(dim) {}
 
   tensor_view<Scalar> view() noexcept { return bshd(storage_.data(), batch_, seq_, heads_, dim_); }
   tensor_view<const Scalar> view() const noexcept { return bshd(storage_.data(), batch_, seq_, heads_, dim_); }
@@ -86,6 +94,17 @@ class tensor {
   index_t size() const noexcept { return index_t(storage_.size()); }
 
  private:
+  static std::size_t element_count(index_t batch, index_t seq, index_t heads, index_t dim) {
+    index_t count = 1;
+    for (const index_t extent : {batch, seq, heads, dim})
+      if (extent < 0 || __builtin_mul_overflow(count, extent, &count) ||
+          count > index_t(std::numeric_limits<std::ptrdiff_t>::max() / index_t(sizeof(Scalar))))
+        throw std::invalid_argument("relbias::tensor: batch, seq, heads, dim must be >= 0 and their product fit in memory, got [" +
+                                    std::to_string(batch) + ", " + std::to_string(seq) + ", " + std::to_string(heads) + ", " +
+                                    std::to_string(dim) + "]");
+    return std::size_t(count);
+  }
+
   std::vector<Scalar> storage_;
   index_t batch_ = 0, seq_ = 0, heads_ = 0, dim_ = 0;
 };

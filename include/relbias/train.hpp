@@ -6,8 +6,11 @@
 
 #include <Eigen/Core>
 
+#include <atomic>
+#include <cerrno>
 #include <cmath>
 #include <concepts>
+#include <cstdio>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -17,6 +20,11 @@
 #include <string>
 #include <system_error>
 #include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <fcntl.h>
+#include <unistd.h>
+#endif
 
 namespace relbias {
 
@@ -204,9 +212,59 @@ inline std::uint64_t fnv1a64(const void* data, std::size_t size) {
 
 }  // namespace detail
 
-/// Writes every parameter of the policy to path, replacing any file there. The bytes go to
-/// path + ".tmp" first and are renamed over path only when complete, so an interrupted save never
-/// leaves a half-written checkpoint behind. Throws std::runtime_error naming the path if it cannot.
+namespace detail {
+
+#if defined(__unix__) || defined(__APPLE__)
+/// Writes bytes to a new file beside path, created exclusively (O_CREAT | O_EXCL | O_NOFOLLOW: a
+/// file or symlink planted under the temporary name is never opened, let alone followed), then
+/// renames it over path (rename replaces a symlink at path itself, never its target). Returns
+/// false if any step fails, leaving no temporary file behind.
+inline bool replace_file(const std::filesystem::path& path, const std::vector<char>& bytes) {
+  static std::atomic<unsigned> counter{0};
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    std::filesystem::path partial = path;
+    partial += ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++);
+    const int fd = ::open(partial.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0666);
+    if (fd < 0) {
+      if (errno == EEXIST) continue;  // taken (or planted): try another name
+      return false;
+    }
+    std::size_t written = 0;
+    while (written < bytes.size()) {
+      const ::ssize_t n = ::write(fd, bytes.data() + written, bytes.size() - written);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      written += std::size_t(n);
+    }
+    const bool closed = ::close(fd) == 0;
+    if (written == bytes.size() && closed && std::rename(partial.c_str(), path.c_str()) == 0) return true;
+    ::unlink(partial.c_str());
+    return false;
+  }
+  return false;
+}
+#else
+/// Without POSIX: the bytes go to path + ".tmp", then are renamed over path.
+inline bool replace_file(const std::filesystem::path& path, const std::vector<char>& bytes) {
+  std::filesystem::path partial = path;
+  partial += ".tmp";
+  std::ofstream out(partial, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), std::streamsize(bytes.size()));
+  out.close();
+  std::error_code error;
+  if (out) std::filesystem::rename(partial, path, error);
+  if (!out || error) std::filesystem::remove(partial, error);
+  return out && !error;
+}
+#endif
+
+}  // namespace detail
+
+/// Writes every parameter of the policy to path, replacing any file there. The bytes go to a new
+/// temporary file in path's directory, created exclusively and without following symlinks, and
+/// are renamed over path only when complete: an interrupted save never leaves a half-written
+/// checkpoint, and a symlink planted under the temporary name is never written through. Throws
+/// std::runtime_error naming the path if it cannot.
 template <learned_bias Policy>
 void save_parameters(const Policy& policy, const std::filesystem::path& path) {
   using S = typename Policy::scalar_type;
@@ -219,22 +277,15 @@ void save_parameters(const Policy& policy, const std::filesystem::path& path) {
   header.count = std::uint64_t(p.size());
   header.checksum = detail::fnv1a64(p.data(), bytes);
 
-  std::filesystem::path partial = path;
-  partial += ".tmp";
-  std::ofstream out(partial, std::ios::binary | std::ios::trunc);
-  out.write(reinterpret_cast<const char*>(&header), sizeof header);
-  out.write(reinterpret_cast<const char*>(p.data()), std::streamsize(bytes));
-  out.close();
-  std::error_code error;
-  if (out) std::filesystem::rename(partial, path, error);
-  if (!out || error) {
-    std::filesystem::remove(partial, error);
-    throw std::runtime_error("relbias::save_parameters: cannot write " + path.string());
-  }
+  std::vector<char> file(sizeof header + bytes);
+  std::memcpy(file.data(), &header, sizeof header);
+  if (bytes > 0) std::memcpy(file.data() + sizeof header, p.data(), bytes);
+  if (!detail::replace_file(path, file)) throw std::runtime_error("relbias::save_parameters: cannot write " + path.string());
 }
 
 /// Reads parameters written by save_parameters into the policy. A file for another parameter
-/// count or scalar type throws std::invalid_argument; an unreadable, truncated or damaged file
+/// count or scalar type, or with values the policy's validate() rejects (NaN, a KERPLE r2 outside
+/// its range), throws std::invalid_argument; an unreadable, truncated or damaged file
 /// throws std::runtime_error naming the path. Either way the policy is left unchanged.
 template <learned_bias Policy>
 void load_parameters(Policy& policy, const std::filesystem::path& path) {
@@ -259,7 +310,16 @@ void load_parameters(Policy& policy, const std::filesystem::path& path) {
   if (in.peek() != std::char_traits<char>::eof()) detail::damaged(path, "trailing bytes after the payload");
   if (detail::fnv1a64(values.data(), values.size() * sizeof(S)) != header.checksum)
     detail::damaged(path, "checksum mismatch: the payload does not match the FNV-1a checksum in the header");
+  const param_vector<S> previous = policy.parameters();
   policy.parameters() = Eigen::Map<const param_vector<S>>(values.data(), index_t(values.size()));
+  if constexpr (requires { policy.validate(); }) {
+    try {
+      policy.validate();
+    } catch (const std::invalid_argument& error) {
+      policy.parameters() = previous;
+      throw std::invalid_argument("relbias::load_parameters: " + path.string() + ": " + error.what());
+    }
+  }
 }
 
 }  // namespace relbias

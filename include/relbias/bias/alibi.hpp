@@ -17,9 +17,13 @@ namespace relbias {
 
 namespace detail {
 
+/// get_slopes builds the slopes of the next power of two: 2H doubles must fit in one allocation.
+inline constexpr index_t alibi_max_heads = max_elements<double>() / 2;
+
 inline void check_alibi_heads(const char* where, index_t num_heads) {
-  if (num_heads < 1)
-    throw std::invalid_argument(std::string(where) + ": num_heads must be >= 1, got " + std::to_string(num_heads));
+  if (num_heads < 1 || num_heads > alibi_max_heads)
+    throw std::invalid_argument(std::string(where) + ": num_heads must be in [1, " + std::to_string(alibi_max_heads) + "], got " +
+                                std::to_string(num_heads));
 }
 
 // get_slopes_power_of_2(n): start = 2**(-2**-(log2(n)-3)); [start * start**h for h in range(n)].
@@ -73,7 +77,8 @@ std::vector<T> alibi_slopes(index_t num_heads) {
 ///   bias(h, i, j) = -m_h * |i - j|   (= -m_h (i - j) on the visible keys of causal attention)
 ///   m_h from the authors' get_slopes(H), or ggml's formula with a max_bias other than 8
 /// Learned params: none, or the H slopes with Trainable = true (dm_h = sum -|i - j| dS)
-/// Cost: O(1) per (i, j) | Valid: H >= 1 (non-powers of two interleave), max_bias finite
+/// Cost: O(1) per (i, j) | Valid: H >= 1 (non-powers of two interleave), max_bias finite, or
+///   explicit finite slopes: relbias::alibi<float> b{std::vector<float>{0.5f, 0.25f}}
 /// Example: relbias::alibi<float> b{8};  b(0, 5, 2) == -1.5f
 template <std::floating_point Scalar, bool Trainable = false>
 class alibi {
@@ -91,6 +96,27 @@ class alibi {
                                                   : detail::alibi_slopes_ggml(num_heads, max_bias);
     slopes_.resize(num_heads);
     for (index_t h = 0; h < num_heads; ++h) slopes_[h] = Scalar(m[std::size_t(h)]);
+  }
+
+  /// Explicit slopes m_0 .. m_{H-1} (a checkpoint's, or another library's): one per head, finite.
+  /// Throws std::invalid_argument for none, null data or a non-finite slope.
+  explicit alibi(std::span<const Scalar> slopes) {
+    if (slopes.empty() || slopes.data() == nullptr)
+      throw std::invalid_argument("relbias::alibi: slopes need one value per head (non-empty, with data), got " +
+                                  std::to_string(slopes.size()) + " values");
+    detail::check_alibi_heads("relbias::alibi", index_t(slopes.size()));
+    slopes_.resize(index_t(slopes.size()));
+    for (index_t h = 0; h < slopes_.size(); ++h) slopes_[h] = slopes[std::size_t(h)];  // a plain loop, as in sgd::step
+    validate();
+  }
+
+  /// Throws std::invalid_argument naming the first slope that is not finite. Call it after writing
+  /// through parameters() (load_parameters does); the constructors call it.
+  void validate() const {
+    for (index_t h = 0; h < slopes_.size(); ++h)
+      if (!std::isfinite(slopes_[h]))
+        throw std::invalid_argument("relbias::alibi: slope of head " + std::to_string(h) + " must be finite, got " +
+                                    std::to_string(double(slopes_[h])));
   }
 
   index_t num_heads() const noexcept { return slopes_.size(); }

@@ -31,6 +31,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -53,14 +54,21 @@ inline std::string fire_value_text(double value) {
   return std::string(text, end);
 }
 
-inline void check_fire_arguments(index_t num_heads, const fire_config& config) {
+template <class S>
+void check_fire_arguments(index_t num_heads, const fire_config& config) {
   const std::string where = "relbias::fire: ";
   if (num_heads < 1) throw std::invalid_argument(where + "num_heads must be >= 1, got " + std::to_string(num_heads));
   if (config.width < 1) throw std::invalid_argument(where + "width must be >= 1, got " + std::to_string(config.width));
-  if (!(std::isfinite(config.init_L) && config.init_L > 0))
-    throw std::invalid_argument(where + "init_L must be finite and > 0, got " + fire_value_text(config.init_L));
-  if (!(std::isfinite(config.eps) && config.eps > 0))
-    throw std::invalid_argument(where + "eps must be finite and > 0, got " + fire_value_text(config.eps));
+  // (2 + H) width + H + 2 parameters, each step checked against what one allocation holds.
+  constexpr index_t limit = max_elements<S>();
+  if (num_heads > limit - 2 || config.width > (limit - num_heads - 2) / (num_heads + 2))
+    throw std::invalid_argument(where + "the parameter count (2 + num_heads) * width + num_heads + 2 overflows, got num_heads=" +
+                                std::to_string(num_heads) + ", width=" + std::to_string(config.width));
+  if (!(std::isfinite(S(config.init_L)) && S(config.init_L) > 0))
+    throw std::invalid_argument(where + "init_L must be finite and > 0 in the scalar type, got " + fire_value_text(config.init_L));
+  if (!(std::isfinite(config.eps) && S(config.eps) >= std::numeric_limits<S>::min()))
+    throw std::invalid_argument(where + "eps must be finite and at least the smallest normal value of the scalar type, got " +
+                                fire_value_text(config.eps));
 }
 
 // sgn(v) in {-1, 0, 1}: the derivative of |v|, 0 at 0 as in PyTorch.
@@ -74,7 +82,8 @@ S fire_sign(S v) noexcept { return S(int(S(0) < v) - int(v < S(0))); }
 ///   L = |L_multiplier * init_L|; i is the absolute query position (KV cache included)
 /// Learned params: width (W1) + width (b1) + H width (W2) + H (b2) + c + L_multiplier
 /// Cost: O(width) per (h, i, j); O(width H) for all heads of a cell | Not shift-invariant past L
-/// Valid: H >= 1, width >= 1, init_L > 0, eps > 0 (all finite)
+/// Valid: H >= 1, width >= 1, init_L > 0, eps >= the smallest normal, every parameter finite
+/// (validate()); built from a seed or from known weights
 /// Example: relbias::fire<float> b{8};  b(h, i, j) == b(h, i + 5, j + 5) while i + 5 <= 512
 template <std::floating_point Scalar>
 class fire {
@@ -89,6 +98,46 @@ class fire {
       : config_(config), heads_(checked_heads(num_heads, config)), init_L_(Scalar(config.init_L)), eps_(Scalar(config.eps)),
         params_(parameter_count()) {
     reset_parameters(seed);
+  }
+
+  /// Known weights (a checkpoint): W1 and b1 (width each), W2 (H x width, row-major: row h holds
+  /// head h's output weights), b2 (H), c and L_multiplier. width and H come from the spans;
+  /// config supplies init_L and eps (its width is replaced by W1.size()). Throws
+  /// std::invalid_argument for inconsistent sizes or a value validate() rejects.
+  fire(std::span<const Scalar> W1, std::span<const Scalar> b1, std::span<const Scalar> W2, std::span<const Scalar> b2,
+       Scalar c, Scalar L_multiplier, fire_config config = {})
+      : fire(checked_weight_heads(W1, b1, W2, b2), 0, with_width(config, index_t(W1.size()))) {
+    std::copy(W1.begin(), W1.end(), this->W1().data());
+    std::copy(b1.begin(), b1.end(), this->b1().data());
+    std::copy(W2.begin(), W2.end(), this->W2().data());
+    std::copy(b2.begin(), b2.end(), this->b2().data());
+    this->c() = c;
+    this->L_multiplier() = L_multiplier;
+    validate();
+  }
+
+  /// Throws std::invalid_argument naming the first parameter that is not finite, or an L_multiplier
+  /// whose threshold |L_multiplier * init_L| overflows. Call it after writing through parameters()
+  /// (load_parameters does); the constructors call it.
+  void validate() const {
+    for (index_t n = 0; n < params_.size(); ++n)
+      if (!std::isfinite(params_[n]))
+        throw std::invalid_argument("relbias::fire: " + parameter_name(n) + " must be finite, got " +
+                                    detail::fire_value_text(double(params_[n])));
+    if (!std::isfinite(threshold()))
+      throw std::invalid_argument("relbias::fire: L_multiplier * init_L must be finite, got L_multiplier=" +
+                                  detail::fire_value_text(double(L_multiplier())) + ", init_L=" +
+                                  detail::fire_value_text(double(init_L_)));
+  }
+
+  /// "W1[3]", "W2[1][0]", "c", ...: the name of parameters()[n].
+  std::string parameter_name(index_t n) const {
+    const auto at = [](const char* name, index_t k) { return std::string(name) + "[" + std::to_string(k) + "]"; };
+    if (n < b1_index()) return at("W1", n);
+    if (n < W2_index()) return at("b1", n - b1_index());
+    if (n < b2_index()) return at("W2", (n - W2_index()) / width()) + "[" + std::to_string((n - W2_index()) % width()) + "]";
+    if (n < c_index()) return at("b2", n - b2_index());
+    return n == c_index() ? "c" : "L_multiplier";
   }
 
   /// W1, b1 ~ U(-1, 1) (fan_in = 1); W2, b2 ~ U(-1/sqrt(width), 1/sqrt(width)); c = 0.1;
@@ -228,8 +277,23 @@ class fire {
 
  private:
   static index_t checked_heads(index_t num_heads, const fire_config& config) {
-    detail::check_fire_arguments(num_heads, config);
+    detail::check_fire_arguments<Scalar>(num_heads, config);
     return num_heads;
+  }
+  static index_t checked_weight_heads(std::span<const Scalar> W1, std::span<const Scalar> b1, std::span<const Scalar> W2,
+                                      std::span<const Scalar> b2) {
+    const std::size_t width = W1.size(), heads = b2.size();
+    const bool null = (W1.data() == nullptr) || (b1.data() == nullptr) || (W2.data() == nullptr) || (b2.data() == nullptr);
+    if (width == 0 || heads == 0 || null || b1.size() != width || W2.size() / width != heads || W2.size() % width != 0)
+      throw std::invalid_argument("relbias::fire: weights need W1 and b1 of width values, W2 of H * width and b2 of H (all "
+                                  "non-empty, with data), got W1.size()=" + std::to_string(W1.size()) + ", b1.size()=" +
+                                  std::to_string(b1.size()) + ", W2.size()=" + std::to_string(W2.size()) +
+                                  ", b2.size()=" + std::to_string(b2.size()));
+    return index_t(heads);
+  }
+  static fire_config with_width(fire_config config, index_t width) {
+    config.width = width;
+    return config;
   }
   index_t parameter_count() const noexcept { return L_multiplier_index() + 1; }
 

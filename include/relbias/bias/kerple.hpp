@@ -126,14 +126,22 @@ class kerple_policy {
   /// Explicit per-head values, stored as given (no projection). Throws std::invalid_argument
   /// unless both spans have the same nonzero size and every value meets the paper's constraints.
   kerple_policy(std::span<const Scalar> r1_values, std::span<const Scalar> r2_values) {
-    check_sizes(r1_values.size(), r2_values.size());
+    check_sizes(r1_values, r2_values);
     const index_t num_heads = index_t(r1_values.size());
     values_.resize(2 * num_heads);
-    for (index_t h = 0; h < num_heads; ++h) {
-      check_value("r1", h, r1_values[std::size_t(h)], std::numeric_limits<double>::infinity(), "finite and > 0");
-      check_value("r2", h, r2_values[std::size_t(h)], Kernel::r2_max, Kernel::r2_range);
-      r1()[h] = r1_values[std::size_t(h)];
-      r2()[h] = r2_values[std::size_t(h)];
+    std::copy(r1_values.begin(), r1_values.end(), r1().data());
+    std::copy(r2_values.begin(), r2_values.end(), r2().data());
+    validate();
+  }
+
+  /// Throws std::invalid_argument naming the first value outside the paper's constraints (r1 > 0,
+  /// r2 in the kernel's range, all finite). Subnormal values are rejected too: the fused kernels
+  /// run with subnormals flushed to zero, where r2 = 1e-45 would become 0 and 0^0 = 1 (power).
+  /// Call it after writing through parameters() (load_parameters does); the constructors call it.
+  void validate() const {
+    for (index_t h = 0; h < num_heads(); ++h) {
+      check_value("r1", h, r1()[h], std::numeric_limits<double>::infinity(), "finite and > 0");
+      check_value("r2", h, r2()[h], Kernel::r2_max, Kernel::r2_range);
     }
   }
 
@@ -191,23 +199,30 @@ class kerple_policy {
   }
 
  private:
+  // 2H values must fit in one allocation.
+  static constexpr index_t max_heads = max_elements<Scalar>() / 2;
+
   static index_t checked_heads(index_t num_heads) {
-    if (num_heads < 1)
-      throw std::invalid_argument(std::string(Kernel::name) + ": num_heads must be >= 1, got " + std::to_string(num_heads));
+    if (num_heads < 1 || num_heads > max_heads)
+      throw std::invalid_argument(std::string(Kernel::name) + ": num_heads must be in [1, " + std::to_string(max_heads) +
+                                  "] (2 * num_heads parameters), got " + std::to_string(num_heads));
     return num_heads;
   }
 
-  static void check_sizes(std::size_t r1_size, std::size_t r2_size) {
-    if (r1_size == 0 || r1_size != r2_size)
-      throw std::invalid_argument(std::string(Kernel::name) + ": r1 and r2 need one value per head (same nonzero size), got r1.size()=" +
+  static void check_sizes(std::span<const Scalar> r1_values, std::span<const Scalar> r2_values) {
+    const std::size_t r1_size = r1_values.size(), r2_size = r2_values.size();
+    if (r1_size == 0 || r1_size != r2_size || r1_values.data() == nullptr || r2_values.data() == nullptr)
+      throw std::invalid_argument(std::string(Kernel::name) + ": r1 and r2 need one value per head (same nonzero size, with data), got r1.size()=" +
                                   std::to_string(r1_size) + ", r2.size()=" + std::to_string(r2_size));
+    checked_heads(index_t(r1_size));
   }
 
-  // Valid: finite, > 0 and <= upper.
+  // Valid: finite, normal (not subnormal), > 0 and <= upper.
   static void check_value(const char* name, index_t h, Scalar value, double upper, const char* range) {
-    if (std::isfinite(value) && value > Scalar(0) && double(value) <= upper) return;
+    if (std::isfinite(value) && value >= std::numeric_limits<Scalar>::min() && double(value) <= upper) return;
+    const bool subnormal = value > Scalar(0) && value < std::numeric_limits<Scalar>::min();
     throw std::invalid_argument(std::string(Kernel::name) + ": " + name + " of head " + std::to_string(h) + " must be " + range +
-                                ", got " + kerple_value_text(double(value)));
+                                (subnormal ? " and not subnormal" : "") + ", got " + kerple_value_text(double(value)));
   }
 
   param_vector<Scalar> values_;  // (2H): [r1 (H), r2 (H)]
@@ -218,7 +233,8 @@ class kerple_policy {
 /// KERPLE power: b(h, i, j) = -r1_h * |i - j|^r2_h  (Chi et al., NeurIPS 2022; kerple_power_ap_).
 ///   r1_h > 0 outer scale, 0 < r2_h <= 2 exponent; init r1 ~ U(0, 1), r2 ~ U(0, 2), then project()
 /// Learned params: 2H, layout [r1 (H), r2 (H)] | Cost: one pow per offset (tabulated per call)
-/// Valid: H >= 1; explicit values r1 > 0, 0 < r2 <= 2; project() clamps r1 >= 1e-2, r2 in [1e-2, 2]
+/// Valid: H >= 1; explicit values r1 > 0, 0 < r2 <= 2, none subnormal (validate()); project() clamps
+///   r1 >= 1e-2, r2 in [1e-2, 2]
 /// Example: const double r1[] = {0.5}, r2[] = {2.0};  relbias::kerple_power<double> b{r1, r2};
 ///          b(0, 5, 2) == -4.5
 template <std::floating_point Scalar>
@@ -230,7 +246,8 @@ class kerple_power : public detail::kerple_policy<Scalar, detail::kerple_power_k
 /// KERPLE log: b(h, i, j) = -r1_h * log(1 + r2_h |i - j|)  (Chi et al., NeurIPS 2022; kerple_log).
 ///   r1_h > 0 outer scale, r2_h > 0 inner scale; init r1 ~ U(0, 2), r2 ~ U(0, 1), then project()
 /// Learned params: 2H, layout [r1 (H), r2 (H)] | Cost: one log1p per offset (tabulated per call)
-/// Valid: H >= 1; explicit values r1, r2 > 0 and finite; project() clamps both to >= 1e-2
+/// Valid: H >= 1; explicit values r1, r2 > 0, finite, not subnormal (validate()); project() clamps
+///   both to >= 1e-2
 /// Example: const double r1[] = {2.0}, r2[] = {1.0};  relbias::kerple_log<double> b{r1, r2};
 ///          b(0, 4, 1) == -2 log(4) == -2.772588722239781
 template <std::floating_point Scalar>

@@ -43,15 +43,25 @@ class per_offset {
   static constexpr bool is_learned = true;
   static constexpr bool is_shift_invariant = true;
 
-  /// Zero table; reset_parameters() draws normal values.
+  /// Zero table; reset_parameters() draws normal values. The mode is the one source of the masking:
+  /// attention calls whose options.mask differs throw std::invalid_argument.
   per_offset(index_t num_heads, masking mode, index_t clip) : num_heads_(num_heads), clip_(clip), mode_(mode) {
     if (num_heads < 1)
       throw std::invalid_argument("relbias::per_offset: num_heads must be >= 1, got num_heads=" + std::to_string(num_heads));
     // 2K + 1 entries per head must fit in an index for every head.
-    if (clip < 0 || clip > (std::numeric_limits<index_t>::max() / num_heads - 1) / 2)
-      throw std::invalid_argument("relbias::per_offset: clip must be >= 0 and (2 * clip + 1) * num_heads must fit in an "
-                                  "index, got clip=" + std::to_string(clip) + ", num_heads=" + std::to_string(num_heads));
+    if (clip < 0 || clip > (detail::max_elements<Scalar>() / num_heads - 1) / 2)
+      throw std::invalid_argument("relbias::per_offset: clip must be >= 0 and (2 * clip + 1) * num_heads must fit in one "
+                                  "allocation, got clip=" + std::to_string(clip) + ", num_heads=" + std::to_string(num_heads));
     table_ = param_vector<Scalar>::Zero(num_heads * entries());
+  }
+
+  /// Throws std::invalid_argument naming the first table entry that is not finite. Call it after
+  /// writing through parameters() or table() (load_parameters does).
+  void validate() const {
+    for (index_t n = 0; n < table_.size(); ++n)
+      if (!std::isfinite(table_[n]))
+        throw std::invalid_argument("relbias::per_offset: table entry (head " + std::to_string(n / entries()) + ", index " +
+                                    std::to_string(n % entries()) + ") must be finite, got " + std::to_string(double(table_[n])));
   }
 
   index_t num_heads() const noexcept { return num_heads_; }

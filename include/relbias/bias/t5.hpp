@@ -153,16 +153,26 @@ class t5 {
   static constexpr bool is_learned = true;
   static constexpr bool is_shift_invariant = true;
 
-  /// Zero table; reset_parameters() draws HF's initialisation.
+  /// Zero table; reset_parameters() draws HF's initialisation. The mode is the one source of the
+  /// masking: attention calls whose options.mask differs throw std::invalid_argument.
   t5(index_t num_heads, masking mode, index_t num_buckets = 32, index_t max_distance = 128)
       : num_heads_(num_heads), num_buckets_(num_buckets), max_distance_(max_distance), mode_(mode),
         bucketing_("relbias::t5", mode == masking::bidirectional, num_buckets, max_distance) {
     if (num_heads < 1) throw std::invalid_argument("relbias::t5: num_heads must be >= 1, got " + std::to_string(num_heads));
-    if (num_buckets > detail::t5_index_max / num_heads)
-      throw std::invalid_argument("relbias::t5: num_buckets * num_heads overflows, got num_buckets=" +
+    if (num_buckets > detail::max_elements<Scalar>() / num_heads)
+      throw std::invalid_argument("relbias::t5: num_buckets * num_heads overflows one allocation, got num_buckets=" +
                                   std::to_string(num_buckets) + ", num_heads=" + std::to_string(num_heads));
     table_ = param_vector<Scalar>::Zero(num_buckets * num_heads);
     saturation_ = bucketing_.saturation();
+  }
+
+  /// Throws std::invalid_argument naming the first table entry that is not finite. Call it after
+  /// writing through parameters() or table() (load_parameters does).
+  void validate() const {
+    for (index_t n = 0; n < table_.size(); ++n)
+      if (!std::isfinite(table_[n]))
+        throw std::invalid_argument("relbias::t5: table entry (bucket " + std::to_string(n / num_heads_) + ", head " +
+                                    std::to_string(n % num_heads_) + ") must be finite, got " + std::to_string(double(table_[n])));
   }
 
   index_t num_heads() const noexcept { return num_heads_; }

@@ -29,18 +29,34 @@ namespace relbias::detail {
 /// Keys handled per inner chunk: small enough for stack buffers, long enough to vectorise.
 inline constexpr index_t fire_chunk = 64;
 
-/// psi(d) = log(|c| d + 1) and its derivative in c, sgn(c) d / (|c| d + 1), for d = 0 .. D.
+/// psi(d) = log(|c| d + 1) and its derivative in c, sgn(c) d / (|c| d + 1), for the distances
+/// d = first .. last that the window holds: at most Lq + Lk - 1 of them wherever the window
+/// sits (a query block far past its keys starts at first = min |i - j|, not at 0).
 template <class Fire>
 struct fire_distance_tables {
   using S = typename Fire::scalar_type;
-  std::vector<S> psi, d_psi_dc;
+  index_t first, last;
+  std::vector<S> psi, d_psi_dc;  // index d - first
 
-  fire_distance_tables(const Fire& fire, index_t max_distance)
-      : psi(std::size_t(max_distance + 1)), d_psi_dc(std::size_t(max_distance + 1)) {
-    for (index_t d = 0; d <= max_distance; ++d) {
-      psi[std::size_t(d)] = fire.log_distance(d);
-      d_psi_dc[std::size_t(d)] = fire.log_distance_derivative(d);
+  fire_distance_tables(const Fire& fire, const position_window& window)
+      : first(window.min_offset() <= 0 && window.max_offset() >= 0
+                  ? 0
+                  : std::min(distance(window.min_offset(), 0), distance(window.max_offset(), 0))),
+        last(window.max_distance()), psi(std::size_t(last - first + 1)), d_psi_dc(std::size_t(last - first + 1)) {
+    for (index_t d = first; d <= last; ++d) {
+      psi[std::size_t(d - first)] = fire.log_distance(d);
+      d_psi_dc[std::size_t(d - first)] = fire.log_distance_derivative(d);
     }
+  }
+
+  index_t count() const noexcept { return last - first + 1; }
+  const S* psi_at(index_t d) const {
+    RELBIAS_ASSERT(d >= first && d <= last);
+    return psi.data() + (d - first);
+  }
+  S d_psi_dc_at(index_t d) const {
+    RELBIAS_ASSERT(d >= first && d <= last);
+    return d_psi_dc[std::size_t(d - first)];
   }
 };
 
@@ -49,14 +65,14 @@ inline index_t keys_up_to(index_t i, index_t j0, index_t n) { return std::clamp(
 
 /// x[c] = psi(|i - (j0 + c)|) / normaliser for c in [0, n): two contiguous slices of the psi
 /// table, read backwards up to the query and forwards after it (packets, exact division).
-template <class S>
-void fire_inputs(const std::vector<S>& psi, index_t i, index_t j0, index_t n, S normaliser, S* x) {
+template <class Tables, class S>
+void fire_inputs(const Tables& tables, index_t i, index_t j0, index_t n, S normaliser, S* x) {
   using array = Eigen::Array<S, Eigen::Dynamic, 1>;
   const index_t up_to = keys_up_to(i, j0, n);
   if (up_to > 0)  // distances i - j0 down to i - j0 - up_to + 1
-    Eigen::Map<array>(x, up_to) = Eigen::Map<const array>(&psi[std::size_t(i - j0 - up_to + 1)], up_to).reverse() / normaliser;
+    Eigen::Map<array>(x, up_to) = Eigen::Map<const array>(tables.psi_at(i - j0 - up_to + 1), up_to).reverse() / normaliser;
   if (n > up_to)  // distances j0 + up_to - i up
-    Eigen::Map<array>(x + up_to, n - up_to) = Eigen::Map<const array>(&psi[std::size_t(j0 + up_to - i)], n - up_to) / normaliser;
+    Eigen::Map<array>(x + up_to, n - up_to) = Eigen::Map<const array>(tables.psi_at(j0 + up_to - i), n - up_to) / normaliser;
 }
 
 /// Whether row i has the shared normaliser of the rows below the threshold.
@@ -143,15 +159,16 @@ class fire_plan {
   using S = scalar_type;
 
   fire_plan(const Fire& fire, const position_window& window)
-      : fire_(fire), tables_(fire, window.max_distance()), below_(fire.num_heads(), window), pieces_(fire) {
+      : fire_(fire), tables_(fire, window), below_(fire.num_heads(), window), pieces_(fire) {
     if (!below_threshold(fire, window.q_start)) return;  // no row uses the shared normaliser
     const S normaliser = fire.normalizer(window.q_start);
-    std::vector<S> by_distance(std::size_t((window.max_distance() + 1) * fire.num_heads()));  // (D + 1, H)
-    for (index_t d = 0; d <= window.max_distance(); ++d)
-      fire.mlp_all_heads(tables_.psi[std::size_t(d)] / normaliser, &by_distance[std::size_t(d * fire.num_heads())]);
-    for (index_t h = 0; h < fire.num_heads(); ++h)
+    const index_t heads = fire.num_heads();
+    std::vector<S> by_distance(std::size_t(tables_.count() * heads));  // (distances, H)
+    for (index_t d = tables_.first; d <= tables_.last; ++d)
+      fire.mlp_all_heads(*tables_.psi_at(d) / normaliser, &by_distance[std::size_t((d - tables_.first) * heads)]);
+    for (index_t h = 0; h < heads; ++h)
       below_.fill(h, [&](index_t head, index_t delta) {
-        return by_distance[std::size_t((delta < 0 ? -delta : delta) * fire.num_heads() + head)];
+        return by_distance[std::size_t((distance(delta, 0) - tables_.first) * heads + head)];
       });
   }
 
@@ -170,7 +187,7 @@ class fire_plan {
   /// query (x non-increasing in j) and the keys after it (x non-decreasing).
   void add_chunk(index_t h, index_t i, index_t j0, index_t n, S normaliser, S* row) const {
     S x[fire_chunk];
-    fire_inputs(tables_.psi, i, j0, n, normaliser, x);
+    fire_inputs(tables_, i, j0, n, normaliser, x);
     const index_t split = keys_up_to(i, j0, n);
     pieces_.add_monotone(h, x, split, row);
     pieces_.add_monotone(h, x + split, n - split, row + split);
@@ -188,14 +205,13 @@ class fire_gradient_accumulator {
   using S = typename Fire::scalar_type;
 
   fire_gradient_accumulator(const Fire& fire, const position_window& window)
-      : fire_(fire), window_(window), tables_(fire, window.max_distance()),
-        below_(std::size_t(fire.num_heads() * (window.max_distance() + 1)), S(0)),
+      : fire_(fire), window_(window), tables_(fire, window), below_(std::size_t(fire.num_heads() * tables_.count()), S(0)),
         grad_(param_vector<S>::Zero(fire.parameters().size())) {}
 
   void add_row(index_t h, index_t i, index_t j0, index_t n, const S* ds) {
     if (below_threshold(fire_, i)) {  // sum by distance; the MLP backward runs in finish()
-      S* sums = &below_[std::size_t(h * (window_.max_distance() + 1))];
-      for (index_t c = 0; c < n; ++c) sums[distance(i, j0 + c)] += ds[c];
+      S* sums = &below_[std::size_t(h * tables_.count())];
+      for (index_t c = 0; c < n; ++c) sums[distance(i, j0 + c) - tables_.first] += ds[c];
     } else if (S(i) == fire_.threshold()) {
       const std::span<S> grad(grad_.data(), std::size_t(grad_.size()));
       for (index_t c = 0; c < n; ++c) fire_.accumulate_gradient(h, i, j0 + c, ds[c], grad);
@@ -208,11 +224,11 @@ class fire_gradient_accumulator {
     const std::span<S> own(grad_.data(), std::size_t(grad_.size()));
     if (below_threshold(fire_, window_.q_start)) {
       const S normaliser = fire_.normalizer(window_.q_start);
-      for (index_t d = 0; d <= window_.max_distance(); ++d) {
-        const S x = tables_.psi[std::size_t(d)] / normaliser;
+      for (index_t d = tables_.first; d <= tables_.last; ++d) {
+        const S x = *tables_.psi_at(d) / normaliser;
         S dx = 0;
         for (index_t h = 0; h < fire_.num_heads(); ++h) {
-          const S g = below_[std::size_t(h * (window_.max_distance() + 1) + d)];
+          const S g = below_[std::size_t(h * tables_.count() + d - tables_.first)];
           if (g != S(0)) dx += fire_.accumulate_mlp_gradient(h, x, g, own);
         }
         if (dx != S(0)) fire_.accumulate_input_gradient(window_.q_start, d, dx, own);
@@ -237,7 +253,7 @@ class fire_gradient_accumulator {
     for (index_t c0 = 0; c0 < n; c0 += fire_chunk) {
       const index_t m = std::min(fire_chunk, n - c0);
       S x[fire_chunk];
-      fire_inputs(tables_.psi, i, j0 + c0, m, normaliser, x);
+      fire_inputs(tables_, i, j0 + c0, m, normaliser, x);
       const index_t split = keys_up_to(i, j0 + c0, m);  // keys up to the query, then after
       add_monotone(h, i, j0 + c0, x, ds + c0, split, row);
       add_monotone(h, i, j0 + c0 + split, x + split, ds + c0 + split, m - split, row);
@@ -271,11 +287,11 @@ class fire_gradient_accumulator {
   void add_segment(index_t h, index_t i, index_t j0, const S* x, const S* ds, index_t n, input_sums& row) {
     S g = 0, gx = 0, g_dpsi = 0, g_psi = 0;
     for (index_t c = 0; c < n; ++c) {
-      const std::size_t d = std::size_t(distance(i, j0 + c));
+      const index_t d = distance(i, j0 + c);
       g += ds[c];
       gx += ds[c] * x[c];
-      g_dpsi += ds[c] * tables_.d_psi_dc[d];
-      g_psi += ds[c] * tables_.psi[d];
+      g_dpsi += ds[c] * tables_.d_psi_dc_at(d);
+      g_psi += ds[c] * *tables_.psi_at(d);
     }
     const S* w1 = fire_.W1().data();
     const S* b1 = fire_.b1().data();
@@ -296,7 +312,7 @@ class fire_gradient_accumulator {
   const Fire& fire_;
   position_window window_;
   fire_distance_tables<Fire> tables_;
-  std::vector<S> below_;  // (H, D + 1): dS summed by distance over rows with i < L
+  std::vector<S> below_;  // (H, distances): dS summed by distance over rows with i < L
   param_vector<S> grad_;
   std::vector<index_t> cuts_;  // add_monotone's segment bounds, kept to reuse the allocation
 };
