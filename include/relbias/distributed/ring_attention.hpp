@@ -567,7 +567,7 @@ void ring_attention_backward(input_tensor<S> q, input_tensor<S> k, input_tensor<
     relbias::detail::check_qkv(where, q, k, v, index_t(bias.num_heads()), options.attention);
     std::size_t parameter_count = 0;
     if constexpr (learned_bias<Bias>) parameter_count = std::size_t(bias.parameters().size());
-    relbias::detail::check_backward(where, q, k, v, o, d_out, lse, dq, dk, dv, bias_grad.size(), parameter_count);
+    relbias::detail::check_backward(where, q, k, v, o, d_out, lse, dq, dk, dv, bias_grad, parameter_count);
     detail::check_self_attention_rows(where, q, k);
   };
   auto record = detail::make_record(q, k, v, options);
