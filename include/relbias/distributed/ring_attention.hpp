@@ -19,8 +19,10 @@
 // gradients by step, then by rank), and the kernels are deterministic for a thread count: the
 // same inputs, ranks and threads give the same bits.
 //
-// Memory per rank: two key/value blocks, two gradient blocks and window temporaries, each
-// O(L / P x (D + Dv)) per head; the kernels hold tiles only.
+// Memory per rank, beyond the user's tensors: forward two key/value blocks and one window's
+// partial O; backward two key/value blocks, two travelling dK/dV accumulators, the rank's own
+// contribution and one window's dK/dV and dQ (about 5.75 blocks under zigzag), each block
+// n_r x Hk x (D + Dv) per batch: O(L / P x d). The kernels hold tiles only.
 
 #include "relbias/attention.hpp"
 #include "relbias/attention_backward.hpp"
@@ -60,8 +62,8 @@ template <class S>
 struct ring_buffers;
 }  // namespace detail
 
-/// The buffers of ring_attention and ring_attention_backward (two key/value blocks, two gradient
-/// blocks and window temporaries, O(L/P x (D + Dv)) per head), kept between calls. Pass one
+/// The buffers of ring_attention and ring_attention_backward (key/value and gradient blocks and
+/// window temporaries, O(L/P x (D + Dv)) per head; see the file comment), kept between calls. Pass one
 /// workspace to the calls of every step: fresh buffers on each call cost page faults and zeroing
 /// (measured on one rank at L = 2048: forward + backward 1.75-2.4x the single-process kernel's
 /// time, 1.0-1.1x with a reused workspace). A workspace stops allocating once it has grown to
