@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs, as root on Debian 12, whatever the project needs and the machine lacks. Nothing else.
 set -euo pipefail
-packages=(cmake make g++ clang libomp-dev libeigen3-dev catch2 libbenchmark-dev python3-matplotlib python3-numpy fortunes)
+packages=(cmake make g++ clang libomp-dev libeigen3-dev catch2 libbenchmark-dev python3-matplotlib python3-numpy fortunes
+          openmpi-bin libopenmpi-dev)  # MPI: relbias::mpi (ring attention), its tests, example 06, bench_ring
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -1,5 +1,6 @@
 // The fused backward against the reference backward, and its determinism.
 #include "catch.hpp"
+#include "learned_wave.hpp"
 #include "random_tensors.hpp"
 #include "user_policies.hpp"
 
@@ -19,6 +20,7 @@
 #include <vector>
 
 using namespace relbias;
+using relbias_test::learned_wave;
 using relbias_test::max_relative_error;
 using relbias_test::random_tensor;
 using relbias_test::learned_wave;
