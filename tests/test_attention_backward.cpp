@@ -1,6 +1,5 @@
 // The fused backward against the reference backward, and its determinism.
 #include "catch.hpp"
-#include "learned_wave.hpp"
 #include "random_tensors.hpp"
 #include "user_policies.hpp"
 

@@ -5,7 +5,7 @@
 // Comparisons use CHECK, never REQUIRE: a rank that left a test case early would leave the
 // others waiting in a collective.
 #include "catch.hpp"
-#include "learned_wave.hpp"
+#include "user_policies.hpp"
 #include "random_tensors.hpp"
 
 #include <relbias/attention.hpp>
