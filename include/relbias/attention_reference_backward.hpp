@@ -105,8 +105,9 @@ void reference_head_backward(const input_tensor<S>& q, const input_tensor<S>& k,
   // A row without visible keys has P = 0, so its dS row is exactly 0: no gradient, no NaN.
   row_matrix<S> ds = (p.array() * (dp.colwise() - row_delta).array()).matrix();            // (Lq, Lk)
   for (index_t r = 0; r < ds.rows(); ++r) {  // hidden keys get dS = 0, even from a NaN row
-    const index_t visible = visible_key_count(options.mask, query_position(options.q_start, r), options.k_start, ds.cols());
-    ds.row(r).tail(ds.cols() - visible).setZero();
+    const index_range visible = options.band().visible_keys(query_position(seq.q_start, r), seq.k_start, ds.cols());
+    ds.row(r).head(visible.begin).setZero();
+    ds.row(r).tail(ds.cols() - visible.end).setZero();
   }
 
   dq.rows(b, h, seq.q_begin, seq.q_length).noalias() = scale * (ds * k_rows);              // (Lq, D)
