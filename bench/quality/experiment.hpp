@@ -48,7 +48,7 @@ template <class S>
 struct weight_vector {
   using scalar_type = S;
   static constexpr bool is_learned = true;
-  std::vector<S>* values;
+  flat_vector<S>* values;
 
   index_t num_heads() const { return 1; }
   S operator()(index_t, index_t, index_t) const { return S(0); }

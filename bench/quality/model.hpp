@@ -29,6 +29,10 @@ template <class S>
 using matrix_map = Eigen::Map<matrix<S>>;
 template <class S>
 using row_vector = Eigen::Matrix<S, 1, Eigen::Dynamic>;
+/// Flat weights and gradients, mapped slot by slot: aligned so Eigen's reductions over the slots
+/// round the same wherever the heap puts them (a re-run gives the same bits).
+template <class S>
+using flat_vector = relbias::detail::aligned_vector<S>;
 
 struct model_config {
   index_t vocab = 97;
@@ -81,19 +85,19 @@ struct model_layout {
 };
 
 template <class S>
-matrix_map<S> view(std::vector<S>& flat, const slot& s) {
+matrix_map<S> view(flat_vector<S>& flat, const slot& s) {
   return matrix_map<S>(flat.data() + s.offset, s.rows, s.cols);
 }
 template <class S>
-Eigen::Map<const matrix<S>> view(const std::vector<S>& flat, const slot& s) {
+Eigen::Map<const matrix<S>> view(const flat_vector<S>& flat, const slot& s) {
   return Eigen::Map<const matrix<S>>(flat.data() + s.offset, s.rows, s.cols);
 }
 
 /// GPT-2's initialisation: N(0, 0.02) for matrices, LN gains 1, shifts and biases 0; the
 /// residual output projections (Wo, W2) scaled by 1/sqrt(2 layers).
 template <class S>
-std::vector<S> initial_weights(const model_config& c, const model_layout& layout, std::uint64_t seed) {
-  std::vector<S> w(std::size_t(layout.size), S(0));
+flat_vector<S> initial_weights(const model_config& c, const model_layout& layout, std::uint64_t seed) {
+  flat_vector<S> w(std::size_t(layout.size), S(0));
   relbias::detail::random_stream rng(seed);
   auto normal = [&](const slot& s, double std) {
     for (S& x : view(w, s).reshaped()) x = S(rng.normal(0.0, std));
@@ -176,8 +180,8 @@ class model {
 
   const model_config& config() const { return config_; }
   const model_layout& layout() const { return layout_; }
-  std::vector<S>& weights() { return weights_; }
-  std::vector<S>& gradient() { return grad_; }
+  flat_vector<S>& weights() { return weights_; }
+  flat_vector<S>& gradient() { return grad_; }
 
   /// tokens, targets: (batch * seq) row-major; a negative target is not scored. Returns the mean
   /// loss (nats) over scored positions; per_position, if not empty, receives each position's loss.
@@ -301,7 +305,7 @@ class model {
  private:
   model_config config_;
   model_layout layout_;
-  std::vector<S> weights_, grad_;
+  flat_vector<S> weights_, grad_;
   index_t batch_ = 0, seq_ = 0;
   std::vector<block_cache<S>> caches_;
   layer_norm<S> final_norm_;

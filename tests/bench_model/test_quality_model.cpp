@@ -53,7 +53,7 @@ void check_model_gradient(Bias bias, index_t stride) {
   REQUIRE(std::isfinite(value));
   REQUIRE(value > 0.5);  // not already solved: the gradients are not all tiny
   m.backward(bias, bias_grad);
-  const std::vector<double> analytic = m.gradient();
+  const auto analytic = m.gradient();
 
   for (std::size_t k = 0; k < m.weights().size(); k += std::size_t(stride))
     check_close(analytic[k], numeric_derivative(m.weights()[k], loss), "weight " + std::to_string(k));

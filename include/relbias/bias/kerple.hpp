@@ -51,7 +51,8 @@ struct kerple_power_kernel {
   template <class S>
   static S value(S r1, S r2, S d) { return -r1 * std::pow(d, r2); }
   // In place over an array of distances. float: exp(r2 log d) in double packets, whose error
-  // (|r2 log d| double ulps) is far below a float ulp; double keeps the scalar pow.
+  // (|r2 log d| double ulps) is far below a float ulp, over an aligned stack chunk so the result
+  // does not depend on d's address (see kerple_log_kernel); double keeps the scalar pow.
   template <class S>
   static void values(S r1, S r2, Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> d) {
     if constexpr (std::is_same_v<S, float>) {
@@ -91,9 +92,19 @@ struct kerple_log_kernel {
   template <class S>
   static S value(S r1, S r2, S d) { return -r1 * std::log1p(r2 * d); }
   // In place over an array of distances: Eigen's log1p runs in packets (a few ulps from log1p).
+  // Eigen peels scalar log1p up to the first aligned address, so the work goes through an
+  // aligned stack chunk: the packet/scalar split falls at the same index wherever d lives.
   template <class S>
   static void values(S r1, S r2, Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> d) {
-    d = -r1 * (r2 * d).log1p();
+    constexpr Eigen::Index chunk = 512;  // on the stack and in L1: no allocation per call
+    Eigen::Array<S, chunk, 1> aligned;
+    for (Eigen::Index start = 0; start < d.size(); start += chunk) {
+      const Eigen::Index n = std::min(chunk, d.size() - start);
+      auto part = aligned.head(n);
+      part = d.segment(start, n);
+      part = -r1 * (r2 * part).log1p();
+      d.segment(start, n) = part;
+    }
   }
 
   // db/dr1 = -ln(1 + r2 d), db/dr2 = -r1 d / (1 + r2 d).

@@ -39,11 +39,11 @@ class offset_gradient_accumulator {
 
   void finish(std::span<scalar_type> grad) const {
     // The table runs from the largest offset down; the policy wants d_bias from min_offset up.
-    std::vector<scalar_type> d_bias(std::size_t(sums_.count()));
+    aligned_vector<scalar_type> d_bias(std::size_t(sums_.count()));
     for (index_t h = 0; h < index_t(bias_.num_heads()); ++h) {
       const scalar_type* sums = sums_.head(h);
       for (index_t t = 0; t < sums_.count(); ++t) d_bias[std::size_t(sums_.count() - 1 - t)] = sums[t];
-      bias_.accumulate_offset_gradient(h, window_.min_offset(), d_bias, grad);
+      bias_.accumulate_offset_gradient(h, window_.min_offset(), std::span<const scalar_type>(d_bias), grad);
     }
   }
 

@@ -17,7 +17,7 @@
 #include "relbias/detail/parallel.hpp"
 #include "relbias/offset.hpp"
 
-#include <Eigen/Core>
+#include "relbias/detail/eigen.hpp"
 
 #include <algorithm>
 #include <span>
@@ -79,7 +79,7 @@ class offset_table {
 
   index_t max_offset_;
   index_t count_;
-  std::vector<Scalar> values_;  // (H, offset_count)
+  aligned_vector<Scalar> values_;  // (H, offset_count)
 };
 
 /// Shift-invariant policies: at_offset(h, delta) once per head and offset of the window.

@@ -19,3 +19,16 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
 #endif
+
+#include <vector>
+
+namespace relbias::detail {
+
+/// Storage for buffers that Eigen maps and reduces or evaluates in packets. Eigen peels scalar
+/// steps up to the first aligned address, so over malloc'd memory (16-byte aligned, wherever the
+/// heap's history puts it) the rounding would depend on the address; Eigen's allocator fixes the
+/// alignment, so the same values give the same bits on every run.
+template <class S>
+using aligned_vector = std::vector<S, Eigen::aligned_allocator<S>>;
+
+}  // namespace relbias::detail

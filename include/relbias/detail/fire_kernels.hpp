@@ -36,7 +36,7 @@ template <class Fire>
 struct fire_distance_tables {
   using S = typename Fire::scalar_type;
   index_t first, last;
-  std::vector<S> psi, d_psi_dc;  // index d - first
+  aligned_vector<S> psi, d_psi_dc;  // index d - first
 
   fire_distance_tables(const Fire& fire, const position_window& window)
       : first(window.min_offset() <= 0 && window.max_offset() >= 0
@@ -148,8 +148,8 @@ class fire_pieces {
   }
 
   index_t heads_;
-  std::vector<S> kinks_;              // sorted
-  std::vector<S> intercept_, slope_;  // (H, pieces)
+  aligned_vector<S> kinks_;              // sorted
+  aligned_vector<S> intercept_, slope_;  // (H, pieces)
 };
 
 template <class Fire>
@@ -163,7 +163,7 @@ class fire_plan {
     if (!below_threshold(fire, window.q_start)) return;  // no row uses the shared normaliser
     const S normaliser = fire.normalizer(window.q_start);
     const index_t heads = fire.num_heads();
-    std::vector<S> by_distance(std::size_t(tables_.count() * heads));  // (distances, H)
+    aligned_vector<S> by_distance(std::size_t(tables_.count() * heads));  // (distances, H)
     for (index_t d = tables_.first; d <= tables_.last; ++d)
       fire.mlp_all_heads(*tables_.psi_at(d) / normaliser, &by_distance[std::size_t((d - tables_.first) * heads)]);
     for (index_t h = 0; h < heads; ++h)
@@ -312,7 +312,7 @@ class fire_gradient_accumulator {
   const Fire& fire_;
   position_window window_;
   fire_distance_tables<Fire> tables_;
-  std::vector<S> below_;  // (H, distances): dS summed by distance over rows with i < L
+  aligned_vector<S> below_;  // (H, distances): dS summed by distance over rows with i < L
   param_vector<S> grad_;
   std::vector<index_t> cuts_;  // add_monotone's segment bounds, kept to reuse the allocation
 };
