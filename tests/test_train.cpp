@@ -12,9 +12,12 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
 
 using namespace relbias;
 
@@ -268,4 +271,44 @@ TEST_CASE("train: damaged parameter files throw std::runtime_error naming path a
   const std::string missing = message_of<std::runtime_error>([&] { load_parameters(target, dir.path / "missing.bin"); });
   CHECK(contains(missing, "missing.bin"));
   CHECK(contains(missing, "cannot open"));
+}
+
+TEST_CASE("train: save_parameters never writes through symlinks planted under its temporary names", "[train]") {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("relbias_symlinks_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const fs::path victim = dir / "victim.txt", path = dir / "kerple.bin";
+  std::ofstream(victim) << "untouched";
+  // Every name the save may try: path.tmp (no POSIX) and path.tmp.<pid>.<n> (POSIX).
+  fs::create_symlink(victim, fs::path(path.string() + ".tmp"));
+  for (int n = 0; n < 50; ++n)  // the save tries 100 names
+    fs::create_symlink(victim, fs::path(path.string() + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(n)));
+
+  const double r1[] = {0.5, 1.5}, r2[] = {0.25, 0.75};
+  const kerple_log<double> saved{r1, r2};
+  save_parameters(saved, path);
+  std::string text;
+  std::ifstream(victim) >> text;
+  CHECK(text == "untouched");
+  CHECK(!fs::is_symlink(path));
+  kerple_log<double> loaded{2, 7};
+  load_parameters(loaded, path);
+  CHECK(loaded.parameters() == saved.parameters());
+  fs::remove_all(dir);
+}
+
+TEST_CASE("train: a file whose values validate() rejects is refused, the policy unchanged", "[train]") {
+  const auto path = std::filesystem::temp_directory_path() / ("relbias_invalid_" + std::to_string(::getpid()) + ".bin");
+  const double r1[] = {0.5, 1.5}, r2[] = {0.25, 0.75};
+  for (const double bad : {std::nan(""), std::numeric_limits<double>::infinity(), -1.0, 0.0, 1e-320}) {
+    kerple_log<double> written{r1, r2};
+    written.parameters()[1] = bad;  // r1 of head 1: must be finite, positive and normal
+    save_parameters(written, path);
+    kerple_log<double> target{r1, r2};
+    const param_vector<double> before = target.parameters();
+    CHECK_THROWS_AS(load_parameters(target, path), std::invalid_argument);
+    CHECK(target.parameters() == before);
+  }
+  std::filesystem::remove(path);
 }
