@@ -3,7 +3,7 @@
 
     python3 bench/summary.py OUT_DIR
 
-Cost: forward and backward time ratio to no bias at L = 4096 (medians from OUT_DIR/targets.json,
+Cost: forward and backward time ratio to no bias at the checks' length (medians from OUT_DIR/targets.json,
 when the speed stage wrote it) and training CPU time per step of the quality model (one thread). Quality: held-out
 bits per character at 1x and 8x the training length and probe accuracy (OUT_DIR/quality/summary.json).
 """
@@ -16,21 +16,23 @@ SPEED_NAME = {"no_bias": "none"}  # the speed benchmarks call the baseline polic
 
 
 def speed_ratios(targets):
-    """{(pass, policy): median real time} from Google Benchmark's JSON, repetition medians only."""
-    medians = {}
+    """{(pass, policy): median real time} from Google Benchmark's JSON, repetition medians only,
+    and the sequence lengths they were measured at (4096 in a full run, shorter in a quick one)."""
+    medians, lengths = {}, set()
     for bench in json.loads(targets.read_text())["benchmarks"]:
         if bench.get("aggregate_name") != "median" or "/reference/" in bench["name"]:
             continue
         pas, policy = bench["name"].split("/")[:2]
         medians[(pas, policy)] = bench["real_time"]
-    return medians
+        lengths.update(part[2:] for part in bench["name"].split("/") if part.startswith("L:"))
+    return medians, sorted(lengths, key=int)
 
 
 def main():
     out = Path(sys.argv[1])
     quality_path = out / "quality" / "summary.json"
     targets = out / "targets.json"
-    medians = speed_ratios(targets) if targets.exists() else {}
+    medians, lengths = speed_ratios(targets) if targets.exists() else ({}, [])
     quality = json.loads(quality_path.read_text()) if quality_path.exists() else None
     if not medians and not quality:
         sys.exit(f"summary.py: neither {targets} nor {quality_path} exists")
@@ -44,7 +46,7 @@ def main():
 
     print("\nSummary: cost and quality of each scheme")
     if medians:
-        print(f"  speed: median time at L = 4096 (bidirectional) relative to no bias, from {targets}")
+        print(f"  speed: median time at L = {', '.join(lengths) or '?'} (bidirectional) relative to no bias, from {targets}")
     if quality:
         print(f"  quality: {quality['command']} on {quality['date']}, mean over seeds {quality['seeds']}")
     header = f"{'scheme':13s} {'bias params':>11s} {'fwd time':>9s} {'bwd time':>9s} {'CPU ms/step':>13s} " \
