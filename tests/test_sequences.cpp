@@ -306,10 +306,10 @@ TEMPLATE_TEST_CASE("sequences: sliding windows through the public entry points, 
   const index_t lq = 700, lk = 900;
   const auto q = random_tensor<S>(2, lq, heads, dim, 31), k = random_tensor<S>(2, lk, kv_heads, dim, 32),
              v = random_tensor<S>(2, lk, kv_heads, dim_v, 33), d_out = random_tensor<S>(2, lq, heads, dim_v, 34);
-  t5<S> t5_bias{heads, masking::causal, 32, 128};
-  t5_bias.reset_parameters(3, 1.0);
   for (masking mask : {masking::bidirectional, masking::causal})
     for (index_t window : {1, 100, 2000}) {
+      t5<S> t5_bias{heads, mask, 32, 128};  // the policy's mode must match options.mask
+      t5_bias.reset_parameters(3, 1.0);
       INFO("mask " << int(mask) << ", window " << window);
       const attention_options<S> options{.mask = mask, .sliding_window = window, .q_start = lk - lq, .num_threads = 2};
       auto check = [&](const auto& bias) {
