@@ -118,7 +118,8 @@ void forward_query_tile(const forward_problem<S>& pb, const Plan& plan, const of
       const index_range visible = band.visible_keys(i, j0, bc);  // one interval: no test per key
       S* row = &scores(r, 0);
       std::fill(row, row + visible.begin, S(0));
-      plan.add_row(h, i, j0 + visible.begin, visible.size(), row + visible.begin);
+      // A row that sees no key of this tile reads no bias: its offsets may lie outside the plan's window.
+      if (!visible.empty()) plan.add_row(h, i, j0 + visible.begin, visible.size(), row + visible.begin);
       online_softmax_row(row + visible.begin, visible.size(), bc - visible.begin, s.row_max[r], s.row_sum[r], acc.row(r));
     }
     acc.noalias() += scores * pb.v.rows(b, kv_head, seq.k_begin + c0, bc);  // (Br, Dv)

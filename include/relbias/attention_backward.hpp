@@ -109,6 +109,7 @@ void recompute_probabilities(const backward_problem<S>& pb, const Plan& plan, Ti
     const index_range visible = row_keys(pb, lse, i, j0, p.cols());
     std::fill(row, row + visible.begin, S(0));
     std::fill(row + visible.end, row + p.cols(), S(0));
+    if (visible.empty()) continue;  // no bias read: the row's offsets may lie outside the plan's window
     plan.add_row(h, i, j0 + visible.begin, visible.size(), row + visible.begin);
     Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> scores(row + visible.begin, visible.size());
     scores = (scores - lse).exp();
@@ -141,7 +142,7 @@ void backward_tile(const backward_problem<S>& pb, const Plan& plan, Accumulator*
     const index_range visible = row_keys(pb, pb.lse[row], i, j0, bc);  // hidden keys keep dS = 0, even in a NaN row
     p.row(r).segment(visible.begin, visible.size()).array() *=
         dp.row(r).segment(visible.begin, visible.size()).array() - pb.row_delta[row];
-    if (bias_grad) bias_grad->add_row(h, i, j0 + visible.begin, visible.size(), &p(r, visible.begin));
+    if (bias_grad && !visible.empty()) bias_grad->add_row(h, i, j0 + visible.begin, visible.size(), &p(r, visible.begin));
   }
   pb.dq.rows(b, h, first_row, br).noalias() += pb.scale * (p * k_tile);
   work.dk.rows(0, 0, c0, bc).noalias() += pb.scale * (p.transpose() * q_tile);
