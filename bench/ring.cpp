@@ -36,18 +36,6 @@ namespace rd = relbias::distributed;
 
 namespace {
 
-int world_rank() {
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  return rank;
-}
-
-int world_size() {
-  int size = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
-
 /// A barrier that sleeps instead of spinning, so an idle rank leaves its core to the others.
 void quiet_barrier() {
   MPI_Request request;
@@ -128,7 +116,7 @@ pass_times time_ring(const Bias& bias, buffers& b, const rd::ring_options<float>
 
 template <class Bias>
 void speed(const char* name, index_t length, int repetitions) {
-  const int rank = world_rank(), ranks = world_size();
+  const int rank = rd::comm_rank(), ranks = rd::comm_size();
   for (const masking mask : {masking::causal, masking::bidirectional}) {
     const Bias bias = make_bias<Bias>(mask);
     const rd::sharding mode = mask == masking::causal ? rd::sharding::zigzag : rd::sharding::contiguous;
@@ -158,7 +146,7 @@ void speed(const char* name, index_t length, int repetitions) {
 
 template <class Bias>
 void memory(const char* name, index_t length) {
-  const int rank = world_rank(), ranks = world_size();
+  const int rank = rd::comm_rank(), ranks = rd::comm_size();
   const Bias bias = make_bias<Bias>(masking::causal);
   const rd::ring_layout layout(length, ranks, rd::sharding::zigzag);
   buffers shard(layout.shard_length(rank), dim, parameter_count(bias));
@@ -206,7 +194,7 @@ int main(int argc, char** argv) {
   int status = 0;
   const std::string command = argc > 1 ? argv[1] : "";
   if (command == "rates" && argc == 5) {
-    if (world_rank() == 0) {
+    if (rd::comm_rank() == 0) {
       std::printf("| policy | d | n | K+V block MB | forward step ms | backward step ms | forward MB/s | backward MB/s |\n"
                   "|---|---|---|---|---|---|---|---|\n");
       for_each_policy([&]<class Bias>(const char* name) { rates<Bias>(name, std::stol(argv[2]), std::stol(argv[3]), std::atoi(argv[4])); });
@@ -218,7 +206,7 @@ int main(int argc, char** argv) {
       found = true;
       if (command == "memory") memory<Bias>(name, std::stol(argv[3]));
       else {
-        if (world_rank() == 0)
+        if (rd::comm_rank() == 0)
           std::printf("| policy | mode | L | P | single fwd ms | ring fwd ms | single bwd ms | ring bwd ms | fwd ratio | bwd "
                       "ratio | total ratio |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
         speed<Bias>(name, std::stol(argv[3]), std::atoi(argv[4]));
@@ -227,7 +215,7 @@ int main(int argc, char** argv) {
     if (!found) std::fprintf(stderr, "unknown policy %s\n", argv[2]);
     status = found ? 0 : 2;
   } else {
-    status = world_rank() == 0 ? usage(argv[0]) : 2;
+    status = rd::comm_rank() == 0 ? usage(argv[0]) : 2;
   }
   MPI_Finalize();
   return status;

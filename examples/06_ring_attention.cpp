@@ -22,9 +22,7 @@ relbias::tensor<double> wave(index_t seq, index_t heads, index_t dim, double fre
 
 int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
-  int rank = 0, ranks = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &ranks);
+  const int rank = rd::comm_rank(), ranks = rd::comm_size();
 
   const index_t length = 301, heads = 4, dim = 16;  // 301 rows: shards of unequal length
   const auto q = wave(length, heads, dim, 0.37), k = wave(length, heads, dim, 0.11), v = wave(length, heads, dim, 0.23),

@@ -35,18 +35,6 @@ using relbias_test::random_tensor;
 
 namespace {
 
-int world_rank() {
-  int rank = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  return rank;
-}
-
-int world_size() {
-  int size = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
-  return size;
-}
-
 
 template <class S>
 constexpr double tolerance() { return std::is_same_v<S, float> ? 1e-5 : 1e-12; }
@@ -93,7 +81,7 @@ results<S> single_process(const Bias& bias, const shape& c, const problem<S>& p,
 template <class Bias, class S = typename Bias::scalar_type>
 results<S> ring_run(const Bias& bias, const shape& c, const problem<S>& p, const ring_options<S>& options,
                     const ring_layout& layout, ring_workspace<S>* workspace = nullptr) {
-  const int rank = world_rank();
+  const int rank = comm_rank();
   const auto q = shard<S>(p.q.view(), layout, rank), k = shard<S>(p.k.view(), layout, rank),
              v = shard<S>(p.v.view(), layout, rank), d_out = shard<S>(p.d_out.view(), layout, rank);
   results<S> r = empty_results(bias, c, layout.shard_length(rank));
@@ -112,7 +100,7 @@ results<S> ring_run(const Bias& bias, const shape& c, const problem<S>& p, const
 /// The worst error of this rank's rows (and of the bias gradient) against the single process.
 template <class S>
 double worst_error(const results<S>& got, const results<S>& full, const shape& c, const ring_layout& layout) {
-  const int rank = world_rank();
+  const int rank = comm_rank();
   const index_t rows = layout.shard_length(rank);
   const auto expected = [&](const tensor<S>& t) { return shard<S>(t.view(), layout, rank); };
   const tensor<S> lse = shard<S>(bhsd<const S>(full.lse.data(), c.batch, c.hq, c.length, 1), layout, rank);
@@ -133,9 +121,9 @@ void check_policy(const char* name, const Bias& bias, const shape& c, masking ma
   const attention_options<S> options{.mask = mask, .q_start = q_start, .k_start = k_start, .num_threads = 1};
   const results<S> full = single_process(bias, c, p, options);
   for (const sharding mode : {sharding::contiguous, sharding::zigzag}) {
-    const ring_layout layout(c.length, world_size(), mode);
+    const ring_layout layout(c.length, comm_size(), mode);
     INFO(name << " mask=" << int(mask) << " zigzag=" << int(mode) << " L=" << c.length << " q_start=" << q_start
-              << " k_start=" << k_start << " rank " << world_rank() << "/" << world_size());
+              << " k_start=" << k_start << " rank " << comm_rank() << "/" << comm_size());
     CHECK(worst_error(ring_run(bias, c, p, {options, mode}, layout), full, c, layout) < tolerance<S>());
   }
 }
@@ -164,7 +152,7 @@ TEMPLATE_TEST_CASE("ring_attention: every policy, both masks, both shardings equ
   using S = TestType;
   for (const masking mask : {masking::causal, masking::bidirectional}) {
     check_every_policy<S>(shape{}, mask, 0, 0);  // L = 23: uneven for P = 2, 3, 4 and 2P
-    check_every_policy<S>(shape{.batch = 1, .length = world_size() + 1, .hq = 2, .hk = 1}, mask, 0, 0);  // chunks of 0 or 1 row
+    check_every_policy<S>(shape{.batch = 1, .length = comm_size() + 1, .hq = 2, .hk = 1}, mask, 0, 0);  // chunks of 0 or 1 row
   }
 }
 
@@ -187,12 +175,12 @@ TEST_CASE("ring_attention_backward: same inputs, ranks and threads give the same
   const problem<float> p = make_problem<float>(c);
   fire<float> bias{4, 7, fire_config{.width = 8, .init_L = 10}};
   const ring_options<float> options{{.mask = masking::causal, .num_threads = 2}, sharding::zigzag};
-  const ring_layout layout(c.length, world_size(), sharding::zigzag);
+  const ring_layout layout(c.length, comm_size(), sharding::zigzag);
   // The second run reuses a workspace grown by a longer sequence in the other layout.
   ring_workspace<float> workspace;
   const shape longer{.length = 70};
   ring_run(bias, longer, make_problem<float>(longer), {options.attention, sharding::contiguous},
-           ring_layout(longer.length, world_size(), sharding::contiguous), &workspace);
+           ring_layout(longer.length, comm_size(), sharding::contiguous), &workspace);
   const std::size_t grown = workspace.bytes();
   CHECK(grown > 0);
   const results<float> first = ring_run(bias, c, p, options, layout), second = ring_run(bias, c, p, options, layout, &workspace);
@@ -244,7 +232,7 @@ bool same_on_every_rank(const std::string& message) {
 }  // namespace
 
 TEST_CASE("ring_attention: errors are the same std::invalid_argument on every rank, before any transfer", "[ring][errors]") {
-  const int rank = world_rank(), size = world_size();
+  const int rank = comm_rank(), size = comm_size();
   const shape c{.length = 4 * size + 1};
   const ring_layout zigzag(c.length, size, sharding::zigzag);
 
@@ -281,10 +269,14 @@ TEST_CASE("ring_attention: errors are the same std::invalid_argument on every ra
   // A communicator of size 0.
   CHECK_THAT(forward_error(c, zigzag.shard_length(rank), sharding::zigzag, masking::causal, MPI_COMM_NULL),
              Catch::Contains("MPI_COMM_NULL"));
+  CHECK_THROWS_WITH(comm_rank(MPI_COMM_NULL), Catch::Contains("comm_rank") && Catch::Contains("MPI_COMM_NULL"));
+  int mpi_size = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &mpi_size);
+  CHECK(comm_size() == mpi_size);
 }
 
 TEST_CASE("ring_attention_backward: ranks must agree on the bias gradient; allgather_shards rebuilds", "[ring][errors]") {
-  const int rank = world_rank(), size = world_size();
+  const int rank = comm_rank(), size = comm_size();
   const shape c{.length = 3 * size + 2};
   const ring_layout layout(c.length, size, sharding::contiguous);
   const problem<double> p = make_problem<double>(c);

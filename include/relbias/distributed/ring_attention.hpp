@@ -511,6 +511,12 @@ void ring_backward(const ring& ring, const backward_inputs<S>& in, const Bias& b
 
 }  // namespace detail
 
+/// This process's rank in `comm` and the number of ranks (MPI_Comm_rank, MPI_Comm_size).
+/// Errors: std::invalid_argument if MPI is not initialised or finalised, comm is MPI_COMM_NULL or
+/// an intercommunicator; std::runtime_error if MPI reports a failure.
+inline int comm_rank(MPI_Comm comm = MPI_COMM_WORLD) { return detail::rank_and_size("comm_rank", comm).first; }
+inline int comm_size(MPI_Comm comm = MPI_COMM_WORLD) { return detail::rank_and_size("comm_size", comm).second; }
+
 /// Ring attention forward over `comm` (collective: every rank of comm calls it).
 ///
 /// q [B, n_r, Hq, D], k [B, n_r, Hk, D], v [B, n_r, Hk, Dv]: this rank's rows of the global
