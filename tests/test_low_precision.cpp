@@ -76,7 +76,7 @@ struct shape {
 /// float reference on the widened tensors: they differ by float rounding only.
 template <class Q, class T, class Bias>
 double storage_vs_widened_reference(const Bias& bias, const shape& c, const attention_options<float>& options,
-                                    detail::tile_shape tiles) {
+                                    detail::tile_shape tiles, index_t streamed_rows) {
   const auto q = converted<Q>(random_tensor<float>(c.batch, c.lq, c.hq, c.dim, 1));
   const auto k = converted<T>(random_tensor<float>(c.batch, c.lk, c.hk, c.dim, 2));
   const auto v = converted<T>(random_tensor<float>(c.batch, c.lk, c.hk, c.dim_v, 3));
@@ -85,7 +85,7 @@ double storage_vs_widened_reference(const Bias& bias, const shape& c, const atte
 
   attention_result<float> got{tensor<float>(c.batch, c.lq, c.hq, c.dim_v), std::vector<float>(std::size_t(c.batch * c.hq * c.lq))};
   const detail::half_forward_problem<Q, T> pb{q.view(), k.view(), v.view(), got.out.view(), std::span<float>(got.lse),
-                                              options.scale_for(c.dim), c.hq / c.hk, 1, 1, tiles};
+                                              options.scale_for(c.dim), c.hq / c.hk, 1, 1, tiles, streamed_rows};
   const detail::batch_layout layout = detail::make_layout(options, c.batch, c.lq, c.lk);
   const int threads = detail::thread_count(options.num_threads);
   detail::half_fused_forward(pb, layout, detail::make_bias_plan(bias, detail::visited_window(layout), threads), threads);
@@ -137,12 +137,15 @@ TEMPLATE_TEST_CASE("attention_half: matches the float reference on the widened i
   for (const index_t length : {1, 2, 3, 7, 8, 9, 33}) {
     for (const masking mask : {masking::bidirectional, masking::causal}) {
       for (const int threads : {1, 4}) {  // 4: more threads than (tile, key/value head) pairs: one head per item
-        INFO("L = " << length << ", causal = " << (mask == masking::causal) << ", threads = " << threads);
-        const attention_options<float> options{.mask = mask, .num_threads = threads};
-        const shape mha{1, length, length, 4, 4, 16, 8}, gqa{2, length, length + 3, 4, 2, 16, 8};
-        CHECK(storage_vs_widened_reference<T, T>(alibi_bias, mha, options, tiles) < float_tolerance);
-        CHECK(storage_vs_widened_reference<T, T>(fire_bias, gqa, options, tiles) < float_tolerance);
-        CHECK(storage_vs_widened_reference<float, T>(alibi_bias, gqa, options, tiles) < float_tolerance);
+        for (const index_t streamed_rows : {0, 64}) {  // K and V widened into tiles, or streamed row by row
+          INFO("L = " << length << ", causal = " << (mask == masking::causal) << ", threads = " << threads
+                      << ", streamed rows = " << streamed_rows);
+          const attention_options<float> options{.mask = mask, .num_threads = threads};
+          const shape mha{1, length, length, 4, 4, 16, 8}, gqa{2, length, length + 3, 4, 2, 20, 8};  // D = 20: packet tails
+          CHECK(storage_vs_widened_reference<T, T>(alibi_bias, mha, options, tiles, streamed_rows) < float_tolerance);
+          CHECK(storage_vs_widened_reference<T, T>(fire_bias, gqa, options, tiles, streamed_rows) < float_tolerance);
+          CHECK(storage_vs_widened_reference<float, T>(alibi_bias, gqa, options, tiles, streamed_rows) < float_tolerance);
+        }
       }
     }
   }
