@@ -39,21 +39,20 @@ float decode_bits(std::uint16_t bits) {
   }
 }
 
-template <class T>
-tensor<T> converted(const tensor<float>& from) {
+/// A copy of `from` with its elements converted to To.
+template <class To, class From>
+tensor<To> copy_as(const tensor<From>& from) {
   const auto v = from.view();
-  tensor<T> to(v.batch, v.seq, v.heads, v.dim);
+  tensor<To> to(v.batch, v.seq, v.heads, v.dim);
   convert(v, to.view());
   return to;
 }
 
 template <class T>
-tensor<float> widened(const tensor<T>& from) {
-  const auto v = from.view();
-  tensor<float> to(v.batch, v.seq, v.heads, v.dim);
-  convert(v, to.view());
-  return to;
-}
+tensor<T> converted(const tensor<float>& from) { return copy_as<T>(from); }
+
+template <class T>
+tensor<float> widened(const tensor<T>& from) { return copy_as<float>(from); }
 
 /// Worse relative error of O and lse (infinite lse must match exactly).
 double result_error(const attention_result<float>& got, const attention_result<float>& expected) {
