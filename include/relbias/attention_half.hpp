@@ -103,16 +103,20 @@ void streamed_scores(const half_forward_problem<Q, KV>& pb, index_t b, index_t k
   }
 }
 
-/// acc.row(rho) += sum over c of scores(rho, c) * float(v row first + c of (b, kv_head)),
-/// prefetching the k rows of the next block, up to row `end`.
+/// acc.row(rho) += sum over c of scores(rho, c) * float(v row first + c of (b, kv_head)), two
+/// keys at a time (an odd last key with weight 0 against itself), prefetching the k rows of the
+/// next block, up to row `end`.
 template <class Q, class KV, class Scores, class Accumulator>
 void streamed_values(const half_forward_problem<Q, KV>& pb, index_t b, index_t kv_head, index_t first, index_t end,
                      const Scores& scores, Accumulator& acc) {
-  const index_t next = first + scores.cols();
-  for (index_t c = 0; c < scores.cols(); ++c) {
-    const KV* value = pb.v.row(b, first + c, kv_head);
-    if (next + c < end) prefetch_row(pb.k.row(b, next + c, kv_head), pb.k.dim);
-    for (index_t rho = 0; rho < scores.rows(); ++rho) axpy_widened(scores(rho, c), value, pb.v.dim, &acc(rho, 0));
+  const index_t next = first + scores.cols(), n = scores.cols();
+  for (index_t c = 0; c < n; c += 2) {
+    const bool pair = c + 1 < n;
+    const KV* v0 = pb.v.row(b, first + c, kv_head);
+    const KV* v1 = pair ? pb.v.row(b, first + c + 1, kv_head) : v0;
+    for (index_t ahead = next + c; ahead < std::min(next + c + 2, end); ++ahead) prefetch_row(pb.k.row(b, ahead, kv_head), pb.k.dim);
+    for (index_t rho = 0; rho < scores.rows(); ++rho)
+      axpy2_widened(scores(rho, c), v0, pair ? scores(rho, c + 1) : 0.0f, v1, pb.v.dim, &acc(rho, 0));
   }
 }
 

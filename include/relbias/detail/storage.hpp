@@ -112,18 +112,22 @@ float dot_widened(const float* q, const T* k, index_t n) {
   return sum;
 }
 
-/// accumulator[d] += p * float(v[d]) for d < n: one stored value row into a float output row.
+/// accumulator[d] += p0 * float(v0[d]) + p1 * float(v1[d]) for d < n: two stored value rows into
+/// a float output row, which is loaded and stored once for both (a decoding step spends more
+/// instructions on the accumulator than on the values otherwise).
 template <class T>
-void axpy_widened(float p, const T* v, index_t n, float* accumulator) {
+void axpy2_widened(float p0, const T* v0, float p1, const T* v1, index_t n, float* accumulator) {
   using w = widening<T>;
   index_t d = 0;
   if constexpr (w::vectorized) {
     using packet = typename w::float_packet;
-    const packet weight = Eigen::internal::pset1<packet>(p);
-    for (; d + w::size <= n; d += w::size)
-      Eigen::internal::pstoreu(accumulator + d, Eigen::internal::pmadd(weight, w::load(v + d), Eigen::internal::ploadu<packet>(accumulator + d)));
+    const packet w0 = Eigen::internal::pset1<packet>(p0), w1 = Eigen::internal::pset1<packet>(p1);
+    for (; d + w::size <= n; d += w::size) {
+      const packet sum = Eigen::internal::pmadd(w0, w::load(v0 + d), Eigen::internal::ploadu<packet>(accumulator + d));
+      Eigen::internal::pstoreu(accumulator + d, Eigen::internal::pmadd(w1, w::load(v1 + d), sum));
+    }
   }
-  for (; d < n; ++d) accumulator[d] += p * static_cast<float>(v[d]);
+  for (; d < n; ++d) accumulator[d] = (accumulator[d] + p0 * static_cast<float>(v0[d])) + p1 * static_cast<float>(v1[d]);
 }
 
 }  // namespace relbias::detail
