@@ -5,11 +5,11 @@
 // computes in float (products, sums, softmax). Widening is exact (every half and bfloat16 value
 // is a float), so the only rounding a 16-bit cache adds is the caller's own rounding into it.
 //   Eigen::half      IEEE binary16: 10 fraction bits, unit roundoff 2^-11, max 65504
-//   Eigen::bfloat16  8 fraction bits, unit roundoff 2^-8, the range of float
+//   Eigen::bfloat16  7 fraction bits, unit roundoff 2^-8, the range of float
 // Widening uses Eigen's packet casts, which are the CPU's own conversions where it has them:
 // F16C / AVX-512 vcvtph2ps for half, a 16-bit left shift for bfloat16 (its bits are the top half
-// of a float's). Where the build has no packet of the format at float's width (SSE-only builds
-// for bfloat16), a scalar loop gives the same values.
+// of a float's). Where the build has no packet of the format at float's width (SSE-only builds),
+// a scalar loop gives the same values.
 
 #include "relbias/offset.hpp"
 
