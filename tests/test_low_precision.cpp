@@ -253,6 +253,7 @@ TEST_CASE("attention_half: bad shapes and the backward throw std::invalid_argume
   CHECK_THROWS_WITH(attention(q.view(), k.view(), k.view(), bias, {}, o.view()), Catch::Contains("o must have shape"));
   tensor<float> small(1, 4, 2, 7);
   CHECK_THROWS_WITH(convert(q.view(), small.view()), Catch::Contains("same shape"));
+  CHECK_THROWS_WITH(convert(q.view(), bshd<float>(nullptr, 1, 4, 2, 8)), Catch::Contains("null pointer"));
 
   const auto result = attention(q.view(), k.view(), k.view(), bias, {});
   tensor<float> dq(1, 4, 2, 8), dk(1, 6, 2, 8), dv(1, 6, 2, 8);

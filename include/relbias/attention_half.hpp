@@ -5,11 +5,13 @@
 //   O = softmax(scale * Q K^T + B + mask) V,   every element of Q, K, V widened to float on load
 //
 // A work item is (sequence, key/value head, block of query rows) with the query heads of that
-// key/value head (GQA): it reads each key block of its K and V once, widens it into a float tile
-// in L2 (never the whole cache: a decoding step streams 2 bytes per element from memory, half
-// of a float cache), and runs the float tile products and the online softmax of attention.hpp.
-// With fewer such items than threads (one sequence, few key/value heads) each query head is an
-// item of its own, trading one read of K and V per group for the threads.
+// key/value head (GQA), and reads each key block of its K and V once, with the online softmax
+// of attention.hpp. A decoding item (a few rows) streams the 16-bit rows straight into fused
+// widen-and-FMA dot products and axpys, prefetching ahead: 2 bytes per element come from
+// memory, half of a float cache, and no float copy is written. A larger item widens each key
+// block into a float tile in L2 for Eigen's matrix products. Never is the whole cache widened.
+// With fewer items than threads (one sequence, few key/value heads) each query head is an item
+// of its own, trading one read of K and V per group for the threads.
 //
 // The backward has no 16-bit path yet: attention_backward() with 16-bit inputs throws
 // std::invalid_argument (widen to float and call the float backward).

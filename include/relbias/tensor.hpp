@@ -69,9 +69,12 @@ using input_span = std::type_identity_t<std::span<const S>>;
 /// Copies `from` into `to` element by element, converting the element type (static_cast: float to
 /// Eigen::half or Eigen::bfloat16 rounds to nearest even, half overflows to +-inf beyond 65504;
 /// the 16-bit formats to float are exact). Fills a bf16/f16 KV cache, or widens one for checks.
-/// Throws std::invalid_argument unless both views have the same shape.
+/// Throws std::invalid_argument unless both views have the same shape and, if not empty, data.
 template <class From, class To>
 void convert(tensor_view<From> from, tensor_view<To> to) {
+  const bool empty = from.batch <= 0 || from.seq <= 0 || from.heads <= 0 || from.dim <= 0;
+  if (!empty && (from.data == nullptr || to.data == nullptr))
+    throw std::invalid_argument("relbias::convert: from and to need data (a null pointer was given)");
   if (from.batch != to.batch || from.seq != to.seq || from.heads != to.heads || from.dim != to.dim)
     throw std::invalid_argument("relbias::convert: from and to must have the same shape [batch, seq, heads, dim], got [" +
                                 std::to_string(from.batch) + ", " + std::to_string(from.seq) + ", " + std::to_string(from.heads) +
