@@ -277,6 +277,44 @@ def decode_section(rows, out, info):
                        "(time / time of `none`)", ["policy"] + [f"Lk={n}" for n in lengths], body)
 
 
+def storage_measures(rows, length=32768):
+    """({storage: runs} of the decode step over fp32, f16 and bf16 caches at Lk = length, {probe: median GB/s})."""
+    probes = {name: median(next(iter(runs.values())), "GB/s") for name, runs in select(rows, "probe").items()}
+    return select(rows, "storage", Lk=length), probes
+
+
+def storage_section(rows):
+    """Tokens/s and bytes/s of each cache format, beside the memory bandwidth probes of the same run."""
+    table, probes = storage_measures(rows)
+    if "fp32" not in table:
+        return []
+    base = median(table["fp32"], "tokens/s")
+    body = [[name, f"{median(runs, 'tokens/s'):.1f}", f"{median(runs, 'tokens/s') / base:.2f}x", f"{median(runs, 'GB/s'):.1f}"] +
+            [f"{median(runs, 'GB/s') / probes[p]:.2f}" if p in probes else "-" for p in ("copy", "read")]
+            for name, runs in ((n, table[n]) for n in ("fp32", "f16", "bf16") if n in table)]
+    probe_text = ", ".join(f"{p} {gbs:.1f} GB/s" for p, gbs in sorted(probes.items()))
+    return table_lines(f"Decode (Lq = 1, Lk = 32768, no bias) by cache format, median of {repetitions(rows)}; "
+                       f"bandwidth probes: {probe_text or 'not measured'}",
+                       ["cache", "tokens/s", "over fp32", "GB/s (K and V)", "of copy GB/s", "of read GB/s"], body)
+
+
+def storage_targets(rows, row):
+    """The 16-bit cache targets: >= 1.8x the fp32 cache's tokens/s and >= 70 % of the copy bandwidth."""
+    table, probes = storage_measures(rows)
+    halves = [n for n in ("f16", "bf16") if n in table]
+    if "fp32" not in table or not halves or "copy" not in probes:
+        row("decode, Lk = 32768: a 16-bit cache >= 1.8x the fp32 cache's tokens/s, >= 70 % of copy GB/s",
+            "not measured in this run", None)
+        return
+    base = median(table["fp32"], "tokens/s")
+    speed = {n: median(table[n], "tokens/s") / base for n in halves}
+    share = {n: median(table[n], "GB/s") / probes["copy"] for n in halves}
+    row("decode, Lk = 32768: f16 or bf16 cache >= 1.8x the tokens/s of the fp32 cache",
+        ", ".join(f"{n} {r:.2f}x" for n, r in speed.items()), max(speed.values()) >= 1.8)
+    row("... and >= 70 % of the copy bandwidth (bytes of K and V per second)",
+        ", ".join(f"{n} {r:.2f}" for n, r in share.items()), max(share.values()) >= 0.7)
+
+
 def backward_section(rows, forward_rows, out, info):
     shapes = sorted({(dict(a)["L"], dict(a)["causal"]) for (p, _, a) in rows if p == "backward"})
     body = []
@@ -447,6 +485,7 @@ def targets_section(forward, decode, checks, check_length, memory, mode):
         row("decode, Lk = 32768: K and V at >= 16 GB/s", f"slowest: {slowest} {gbs:.1f} GB/s (median)", gbs >= 16)
     else:
         row("decode, Lk = 32768: K and V at >= 16 GB/s", "not measured in this run", None)
+    storage_targets(decode, row)
     for pas in ("forward", "backward"):
         if memory.get("L") == 32768:
             peak = memory[f"{pas}_max"]
@@ -489,7 +528,7 @@ def main():
     lines += check_lines
     lines += forward_section(forward, out, info) + causal_speedup(forward)
     if decode:
-        lines += decode_section(decode, out, info)
+        lines += decode_section(decode, out, info) + storage_section(decode)
     if backward:
         lines += backward_section(backward, forward, out, info)
     lines += memory_lines

@@ -19,6 +19,7 @@
 // Kernels
 #include "relbias/attention.hpp"
 #include "relbias/attention_backward.hpp"
+#include "relbias/attention_half.hpp"
 #include "relbias/attention_options.hpp"
 #include "relbias/attention_reference.hpp"
 #include "relbias/attention_reference_backward.hpp"

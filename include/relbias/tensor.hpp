@@ -7,6 +7,7 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <cstddef>
 #include <limits>
 #include <span>
@@ -18,7 +19,8 @@
 namespace relbias {
 
 /// A 4-D tensor [batch, seq, heads, dim] with element strides for the first three axes; the last
-/// axis (dim) is contiguous. T is `float`, `double` or a const version of them.
+/// axis (dim) is contiguous. T is `float` or `double`, or a 16-bit storage format for the inputs of
+/// the forward (`Eigen::half`, `Eigen::bfloat16`: attention_half.hpp), or a const version of them.
 template <class T>
 struct tensor_view {
   T* data = nullptr;
@@ -63,6 +65,27 @@ template <class S>
 using output_span = std::type_identity_t<std::span<S>>;
 template <class S>
 using input_span = std::type_identity_t<std::span<const S>>;
+
+/// Copies `from` into `to` element by element, converting the element type (static_cast: float to
+/// Eigen::half or Eigen::bfloat16 rounds to nearest even, half overflows to +-inf beyond 65504;
+/// the 16-bit formats to float are exact). Fills a bf16/f16 KV cache, or widens one for checks.
+/// Throws std::invalid_argument unless both views have the same shape and, if not empty, data.
+template <class From, class To>
+void convert(tensor_view<From> from, tensor_view<To> to) {
+  const bool empty = from.batch <= 0 || from.seq <= 0 || from.heads <= 0 || from.dim <= 0;
+  if (!empty && (from.data == nullptr || to.data == nullptr))
+    throw std::invalid_argument("relbias::convert: from and to need data (a null pointer was given)");
+  if (from.batch != to.batch || from.seq != to.seq || from.heads != to.heads || from.dim != to.dim)
+    throw std::invalid_argument("relbias::convert: from and to must have the same shape [batch, seq, heads, dim], got [" +
+                                std::to_string(from.batch) + ", " + std::to_string(from.seq) + ", " + std::to_string(from.heads) +
+                                ", " + std::to_string(from.dim) + "] and [" + std::to_string(to.batch) + ", " +
+                                std::to_string(to.seq) + ", " + std::to_string(to.heads) + ", " + std::to_string(to.dim) + "]");
+  for (index_t b = 0; b < from.batch; ++b)
+    for (index_t s = 0; s < from.seq; ++s)
+      for (index_t h = 0; h < from.heads; ++h)
+        std::transform(from.row(b, s, h), from.row(b, s, h) + from.dim, to.row(b, s, h),
+                       [](auto x) { return static_cast<std::remove_const_t<To>>(x); });
+}
 
 /// View memory laid out as [batch, seq, heads, dim] (PyTorch's default for q/k/v projections).
 template <class T>

@@ -108,9 +108,9 @@ void check_positions(const char* where, const attention_options<S>& options, ind
 
 /// q [B, Lq, Hq, D], k [B, Lk, Hk, D], v [B, Lk, Hk, Dv] with Hk dividing Hq; a bias with Hq
 /// heads; a finite scale; positions within [0, 2^62].
-template <class S>
-void check_qkv(const char* where, const tensor_view<const S>& q, const tensor_view<const S>& k,
-               const tensor_view<const S>& v, index_t bias_heads, const attention_options<S>& options) {
+template <class Q, class K, class V, class S>
+void check_qkv(const char* where, const tensor_view<const Q>& q, const tensor_view<const K>& k,
+               const tensor_view<const V>& v, index_t bias_heads, const attention_options<S>& options) {
   check_tensor(where, "q", q);
   check_tensor(where, "k", k);
   check_shape(where, "k", k, q.batch, k.seq, k.heads, q.dim);
@@ -140,8 +140,8 @@ void check_bias_mode(const char* where, const Bias& bias, const attention_option
 }
 
 /// o [B, Lq, Hq, Dv] and lse of B * Hq * Lq entries (or empty when the caller needs none).
-template <class S>
-void check_outputs(const char* where, const tensor_view<const S>& q, const tensor_view<const S>& v,
+template <class Q, class V, class S>
+void check_outputs(const char* where, const tensor_view<const Q>& q, const tensor_view<const V>& v,
                    const tensor_view<S>& o, std::span<S> lse, bool lse_required) {
   check_shape(where, "o", o, q.batch, q.seq, q.heads, v.dim);
   check_span(where, "lse", lse);
@@ -318,10 +318,10 @@ memory_block parameter_block(const Bias& bias) {
 
 /// The owning overloads allocate O [B, Lq, H, Dv] and lse [B][H][Lq]: both sizes must fit
 /// before anything is allocated (views with zero strides can describe more than memory holds).
-template <class S>
-void check_result_sizes(const char* where, const tensor_view<const S>& q, const tensor_view<const S>& v) {
+template <class Q, class V, class Out = V>  // Out: the element type of o
+void check_result_sizes(const char* where, const tensor_view<const Q>& q, const tensor_view<const V>& v) {
   const index_t o_size = checked_product(where, "o size batch * Lq * heads * dim_v", {q.batch, q.seq, q.heads, v.dim});
-  if (o_size > max_elements<S>())
+  if (o_size > max_elements<Out>())
     fail(where, "o size batch * Lq * heads * dim_v = " + std::to_string(o_size) + " exceeds what one allocation can hold");
 }
 

@@ -65,8 +65,8 @@ inline void check_disjoint(const char* where, std::span<const sequence> sequence
 /// The batch arguments: options.sliding_window >= 1; with options.sequences, q_start = k_start
 /// = 0, each sequence inside q and k, no two overlapping, every batch element holding one (an
 /// idle element is listed with zero lengths, so a lengths array of the wrong size is caught).
-template <class S>
-void check_sequences(const char* where, const tensor_view<const S>& q, const tensor_view<const S>& k,
+template <class Q, class K, class S>
+void check_sequences(const char* where, const tensor_view<const Q>& q, const tensor_view<const K>& k,
                      const attention_options<S>& options) {
   if (options.sliding_window && *options.sliding_window < 1)
     fail(where, "options.sliding_window must be >= 1 (keys per query), got " + std::to_string(*options.sliding_window));

@@ -1,0 +1,258 @@
+#pragma once
+// Fused forward over 16-bit storage: k and v (a KV cache) in Eigen::half or Eigen::bfloat16, q
+// in the same format or in float. Products, softmax and output are float, as in attention():
+//
+//   O = softmax(scale * Q K^T + B + mask) V,   every element of Q, K, V widened to float on load
+//
+// A work item is (sequence, key/value head, block of query rows) with the query heads of that
+// key/value head (GQA), and reads each key block of its K and V once, with the online softmax
+// of attention.hpp. A decoding item (a few rows) streams the 16-bit rows straight into fused
+// widen-and-FMA dot products and axpys, prefetching ahead: 2 bytes per element come from
+// memory, half of a float cache, and no float copy is written. A larger item widens each key
+// block into a float tile in L2 for Eigen's matrix products. Never is the whole cache widened.
+// With fewer items than threads (one sequence, few key/value heads) each query head is an item
+// of its own, trading one read of K and V per group for the threads.
+//
+// The backward has no 16-bit path yet: attention_backward() with 16-bit inputs throws
+// std::invalid_argument (widen to float and call the float backward).
+
+#include "relbias/attention.hpp"
+#include "relbias/detail/storage.hpp"
+
+#include <algorithm>
+#include <concepts>
+#include <limits>
+#include <span>
+#include <stdexcept>
+#include <type_traits>
+
+namespace relbias {
+
+/// The element types attention() takes from 16-bit storage: k and v of one format (half or
+/// bfloat16, const or not), q of that format or float.
+template <class Q, class K, class V>
+concept half_attention_inputs =
+    half_storage<std::remove_const_t<K>> && std::same_as<std::remove_const_t<K>, std::remove_const_t<V>> &&
+    (std::same_as<std::remove_const_t<Q>, std::remove_const_t<K>> || std::same_as<std::remove_const_t<Q>, float>);
+
+namespace detail {
+
+/// Everything one 16-bit forward call shares across work items. Q and KV may be float too (the
+/// decode benchmark runs a float cache through the same loop).
+template <class Q, class KV>
+struct half_forward_problem {
+  tensor_view<const Q> q;
+  tensor_view<const KV> k, v;
+  tensor_view<float> o;
+  std::span<float> lse;
+  float scale;
+  index_t group;           // query heads per key/value head
+  index_t heads_per_item;  // group, or 1 when the call has fewer (tile, key/value head) pairs than threads
+  index_t block_rows;      // query rows per item and head
+  tile_shape tiles;
+  index_t streamed_rows = 8;  // items of at most this many rows stream K and V (see streamed_scores)
+
+  index_t lse_index(index_t b, index_t h, index_t row) const { return (b * q.heads + h) * q.seq + row; }
+};
+
+struct half_forward_scratch {
+  row_matrix<float> q;            // (R, D): the item's queries, R = heads_per_item * block rows
+  row_matrix<float> k, v;         // (Bc, D), (Bc, Dv): one key block widened
+  row_matrix<float> scores;       // (R, Bc)
+  row_matrix<float> accumulator;  // (R, Dv)
+  Eigen::ArrayXf row_max, row_sum;
+};
+
+using float_rows_map = Eigen::Map<const row_matrix<float>, 0, Eigen::OuterStride<>>;
+
+/// Rows [first, first + count) of head h in batch b as floats (count, dim): a float view's own
+/// memory, or the rows widened into `buffer` (at least count x dim).
+template <class T>
+float_rows_map float_rows(const tensor_view<const T>& t, index_t b, index_t h, index_t first, index_t count,
+                          row_matrix<float>& buffer) {
+  if constexpr (std::same_as<T, float>) {
+    return float_rows_map(t.row(b, first, h), count, t.dim, Eigen::OuterStride<>(t.seq_stride));
+  } else {
+    for (index_t n = 0; n < count; ++n) widen(t.row(b, first + n, h), t.dim, &buffer(n, 0));
+    return float_rows_map(buffer.data(), count, t.dim, Eigen::OuterStride<>(buffer.cols()));
+  }
+}
+
+/// Asks for the cache lines of one stored row ahead of its use. A decoding step is one long
+/// stream per thread whose rows are used a few instructions after they are loaded: with 16-bit
+/// rows the loads in flight alone do not keep the memory busy (measured: 1.6x the float cache's
+/// speed without prefetching, against the 2x its bytes allow).
+template <class T>
+void prefetch_row(const T* row, index_t dim) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (index_t offset = 0; offset < dim * index_t(sizeof(T)); offset += 64) __builtin_prefetch(bytes + offset);
+}
+
+/// Items of at most problem.streamed_rows rows (decoding: a step's query heads of one key/value
+/// head) read K and V as they stream by, one dot product and one axpy per key and row; larger
+/// items widen each key block into a float tile for the matrix products, which amortise the
+/// widening over many rows. Streaming saves writing and re-reading that tile, which costs a
+/// decoding step more than the bytes it saves.
+///
+/// scores(rho, c) = scale * q.row(rho) . float(k row first + c of (b, kv_head)), prefetching the
+/// block's v rows, which come next.
+template <class Q, class KV, class Rows, class Scores>
+void streamed_scores(const half_forward_problem<Q, KV>& pb, index_t b, index_t kv_head, index_t first, const Rows& q, Scores& scores) {
+  for (index_t c = 0; c < scores.cols(); ++c) {
+    const KV* key = pb.k.row(b, first + c, kv_head);
+    prefetch_row(pb.v.row(b, first + c, kv_head), pb.v.dim);
+    for (index_t rho = 0; rho < scores.rows(); ++rho) scores(rho, c) = pb.scale * dot_widened(&q(rho, 0), key, pb.k.dim);
+  }
+}
+
+/// acc.row(rho) += sum over c of scores(rho, c) * float(v row first + c of (b, kv_head)), two
+/// keys at a time (an odd last key with weight 0 against itself), prefetching the k rows of the
+/// next block, up to row `end`.
+template <class Q, class KV, class Scores, class Accumulator>
+void streamed_values(const half_forward_problem<Q, KV>& pb, index_t b, index_t kv_head, index_t first, index_t end,
+                     const Scores& scores, Accumulator& acc) {
+  const index_t next = first + scores.cols(), n = scores.cols();
+  for (index_t c = 0; c < n; c += 2) {
+    const bool pair = c + 1 < n;
+    const KV* v0 = pb.v.row(b, first + c, kv_head);
+    const KV* v1 = pair ? pb.v.row(b, first + c + 1, kv_head) : v0;
+    for (index_t ahead = next + c; ahead < std::min(next + c + 2, end); ++ahead) prefetch_row(pb.k.row(b, ahead, kv_head), pb.k.dim);
+    for (index_t rho = 0; rho < scores.rows(); ++rho)
+      axpy2_widened(scores(rho, c), v0, pair ? scores(rho, c + 1) : 0.0f, v1, pb.v.dim, &acc(rho, 0));
+  }
+}
+
+/// One work item: query rows [tile.r0, tile.r0 + tile.rows) of `seq` for query heads
+/// [first_head, first_head + heads_per_item), all of key/value head first_head / group. Row rho
+/// of the item's tiles is head first_head + rho / tile.rows, query row tile.r0 + rho % tile.rows.
+template <class Q, class KV, class Plan>
+void half_forward_item(const half_forward_problem<Q, KV>& pb, const Plan& plan, const offset_band& band, const sequence& seq,
+                       const query_tile& tile, index_t first_head, half_forward_scratch& s) {
+  const index_t rows = tile.rows, count = rows * pb.heads_per_item, b = seq.batch, kv_head = first_head / pb.group;
+  const auto head_of = [&](index_t rho) { return first_head + rho / rows; };
+  const auto row_of = [&](index_t rho) { return tile.r0 + rho % rows; };
+  for (index_t n = 0; n < pb.heads_per_item; ++n)
+    for (index_t r = 0; r < rows; ++r) widen(pb.q.row(b, seq.q_begin + tile.r0 + r, first_head + n), pb.q.dim, &s.q(n * rows + r, 0));
+  const auto q = s.q.topRows(count);     // (R, D)
+  auto acc = s.accumulator.topRows(count);  // (R, Dv)
+  acc.setZero();
+  s.row_max.head(count).setConstant(-std::numeric_limits<float>::infinity());
+  s.row_sum.head(count).setZero();
+  const bool streamed = count <= pb.streamed_rows;
+
+  for (index_t c0 = tile.keys.begin; c0 < tile.keys.end; c0 += pb.tiles.cols) {
+    const index_t bc = std::min(pb.tiles.cols, tile.keys.end - c0);
+    const index_t j0 = key_position(seq.k_start, c0);
+    auto scores = s.scores.topLeftCorner(count, bc);  // (R, Bc)
+    if (streamed) streamed_scores(pb, b, kv_head, seq.k_begin + c0, q, scores);
+    else scores.noalias() = pb.scale * (q * float_rows(pb.k, b, kv_head, seq.k_begin + c0, bc, s.k).transpose());
+    for (index_t rho = 0; rho < count; ++rho) {
+      const index_t i = query_position(seq.q_start, row_of(rho));
+      const index_range visible = band.visible_keys(i, j0, bc);
+      float* row = &scores(rho, 0);
+      std::fill(row, row + visible.begin, 0.0f);
+      if (!visible.empty()) plan.add_row(head_of(rho), i, j0 + visible.begin, visible.size(), row + visible.begin);
+      online_softmax_row(row + visible.begin, visible.size(), bc - visible.begin, s.row_max[rho], s.row_sum[rho], acc.row(rho));
+    }
+    if (streamed) streamed_values(pb, b, kv_head, seq.k_begin + c0, seq.k_begin + tile.keys.end, scores, acc);
+    else acc.noalias() += scores * float_rows(pb.v, b, kv_head, seq.k_begin + c0, bc, s.v);  // (R, Dv)
+  }
+
+  for (index_t rho = 0; rho < count; ++rho) {
+    const index_t h = head_of(rho), row = seq.q_begin + row_of(rho);
+    float* lse = pb.lse.empty() ? nullptr : &pb.lse[std::size_t(pb.lse_index(b, h, row))];
+    normalise_row(s.row_max[rho], s.row_sum[rho], acc.row(rho), pb.o.rows(b, h, row, 1).row(0), lse);
+  }
+}
+
+template <class Q, class KV, class Plan>
+void half_fused_forward(half_forward_problem<Q, KV> pb, const batch_layout& layout, const Plan& plan, int threads) {
+  for_each_row_outside(layout, pb.q.batch, pb.q.seq, true, [&](index_t b, index_t r) {
+    zero_row(pb.o, b, r);
+    if (!pb.lse.empty())
+      for (index_t h = 0; h < pb.q.heads; ++h) pb.lse[std::size_t(pb.lse_index(b, h, r))] = -std::numeric_limits<float>::infinity();
+  });
+  // A group's query heads share one read of K and V: up to 64 rows per item, like the float tile.
+  pb.block_rows = std::max<index_t>(1, pb.tiles.rows / pb.group);
+  const std::vector<query_tile> tiles = query_tiles(layout, pb.block_rows);  // most keys first
+  pb.heads_per_item = index_t(tiles.size()) * pb.k.heads >= threads ? pb.group : 1;
+  const index_t items_per_tile = pb.q.heads / pb.heads_per_item, count = pb.block_rows * pb.heads_per_item;
+  auto make_scratch = [&] {
+    half_forward_scratch s{row_matrix<float>(count, pb.q.dim), row_matrix<float>(pb.tiles.cols, pb.k.dim),
+                           row_matrix<float>(pb.tiles.cols, pb.v.dim), row_matrix<float>(count, pb.tiles.cols),
+                           row_matrix<float>(count, pb.v.dim), Eigen::ArrayXf(count), Eigen::ArrayXf(count)};
+    return s;
+  };
+  parallel_items(index_t(tiles.size()) * items_per_tile, thread_count(threads), make_scratch,
+                 [&](index_t item, half_forward_scratch& s) {
+                   const query_tile& tile = tiles[std::size_t(item / items_per_tile)];
+                   half_forward_item(pb, plan, layout.band, layout.sequences[tile.sequence], tile,
+                                     (item % items_per_tile) * pb.heads_per_item, s);
+                 });
+}
+
+/// The 16-bit forward behind the public overloads (and the decode benchmark's float cache):
+/// checks, then runs. Q and KV may be float.
+template <bias_policy Bias, class Q, class KV>
+void attention_storage(tensor_view<const Q> q, tensor_view<const KV> k, tensor_view<const KV> v, const Bias& bias,
+                       const attention_options<float>& options, tensor_view<float> o, std::span<float> lse) {
+  // Preconditions
+  constexpr const char* where = "relbias::attention";
+  check_qkv(where, q, k, v, index_t(bias.num_heads()), options);
+  check_bias_mode(where, bias, options);
+  check_sequences(where, q, k, options);
+  check_outputs(where, q, v, o, lse, false);
+  check_no_aliasing(where, {block_of("o", o), block_of("lse", lse)},
+                    {block_of("q", q), block_of("k", k), block_of("v", v), parameter_block(bias)});
+
+  const half_forward_problem<Q, KV> pb{q, k, v, o, lse, options.scale_for(q.dim), q.heads / k.heads, 1, 1, {}};
+  const batch_layout layout = make_layout(options, q.batch, q.seq, k.seq);
+  const int threads = thread_count(options.num_threads);
+  const auto plan = make_bias_plan(bias, visited_window(layout), threads);
+  half_fused_forward(pb, layout, plan, threads);
+}
+
+}  // namespace detail
+
+/// Fused forward over 16-bit storage (a bf16 or f16 KV cache): k [B, Lk, Hk, D] and v
+/// [B, Lk, Hk, Dv] in Eigen::half or Eigen::bfloat16, q [B, Lq, Hq, D] in the same format or in
+/// float; o [B, Lq, Hq, Dv] and lse (B * Hq * Lq values, [b][h][row], or empty) in float. The
+/// bias policy is a float one. Every element is widened to float exactly on load and the kernel
+/// computes in float, so O is attention() of the widened tensors up to float rounding; against
+/// unrounded float inputs it differs by the format's rounding (unit_roundoff<T>(), README,
+/// "Storage precision"). Everything else (shapes, strides, GQA, options, errors, rows that see no
+/// key) is as for the float attention().
+template <bias_policy Bias, class Q, class K, class V>
+  requires std::same_as<typename Bias::scalar_type, float> && half_attention_inputs<Q, K, V>
+void attention(tensor_view<Q> q, tensor_view<K> k, tensor_view<V> v, const Bias& bias, const attention_options<float>& options,
+               tensor_view<float> o, std::span<float> lse = {}) {
+  using storage = std::remove_const_t<K>;
+  detail::attention_storage<Bias, std::remove_const_t<Q>, storage>(q, k, v, bias, options, o, lse);
+}
+
+/// Fused forward over 16-bit storage returning owning float O and lse.
+template <bias_policy Bias, class Q, class K, class V>
+  requires std::same_as<typename Bias::scalar_type, float> && half_attention_inputs<Q, K, V>
+attention_result<float> attention(tensor_view<Q> q, tensor_view<K> k, tensor_view<V> v, const Bias& bias,
+                                  const attention_options<float>& options = {}) {
+  using query = std::remove_const_t<Q>;
+  using storage = std::remove_const_t<K>;
+  detail::check_qkv("relbias::attention", tensor_view<const query>(q), tensor_view<const storage>(k), tensor_view<const storage>(v),
+                    index_t(bias.num_heads()), options);
+  detail::check_result_sizes<query, storage, float>("relbias::attention", q, v);
+  attention_result<float> result{tensor<float>(q.batch, q.seq, q.heads, v.dim), std::vector<float>(std::size_t(q.batch * q.heads * q.seq))};
+  detail::attention_storage<Bias, query, storage>(q, k, v, bias, options, result.out.view(), std::span<float>(result.lse));
+  return result;
+}
+
+/// The backward has no 16-bit path: with q, k or v in Eigen::half or Eigen::bfloat16 it throws
+/// std::invalid_argument. Widen the tensors to float and call the float attention_backward().
+template <class Q, class K, class V, class... Rest>
+  requires(half_storage<std::remove_const_t<Q>> || half_storage<std::remove_const_t<K>> || half_storage<std::remove_const_t<V>>)
+void attention_backward(tensor_view<Q>, tensor_view<K>, tensor_view<V>, Rest&&...) {
+  throw std::invalid_argument(
+      "relbias::attention_backward: q, k and v must be float or double; the backward has no bf16/f16 path yet "
+      "(widen the tensors to float and call the float attention_backward)");
+}
+
+}  // namespace relbias
