@@ -3,6 +3,7 @@
 // GFLOPS counts 2.5x the forward's useful FLOPs (FlashAttention's convention: five products
 // against the forward's two). backward_mqa: one key/value head, batch 1, on 1 and 2 threads (the
 // query heads of the one group split over the threads).
+#include "peak.hpp"
 #include "policies.hpp"
 
 #include <relbias/attention.hpp>
@@ -30,6 +31,7 @@ void run_backward(benchmark::State& state, index_t length, bool causal, index_t 
     benchmark::DoNotOptimize(dq.data());
   }
   set_gflops(state, 2.5 * forward_flops(length, length, causal));
+  add_peak_fraction(state, 2.5 * forward_flops(length, length, causal), threads);
 }
 
 template <class Bias>
@@ -44,6 +46,7 @@ void backward_mqa(benchmark::State& state) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  register_peak_benchmarks();
   for_each_policy([]<class Bias>(const char* name) {
     auto* b = benchmark::RegisterBenchmark((std::string("backward/") + name).c_str(), backward<Bias>);
     for (int causal : {0, 1})

@@ -2,6 +2,7 @@
 // (reference/none), over a sequence-length sweep, causal and bidirectional.
 // 8 heads, d = 64, fp32, batch 1. GFLOPS counts useful FLOPs: 4 Lq Lk d per head, halved for
 // causal (the reference computes the masked half too, and is charged the same useful count).
+#include "peak.hpp"
 #include "policies.hpp"
 
 #include <relbias/attention.hpp>
@@ -28,6 +29,7 @@ void forward(benchmark::State& state) {
     benchmark::DoNotOptimize(o.data());
   }
   set_gflops(state, forward_flops(length, length, causal));
+  add_peak_fraction(state, forward_flops(length, length, causal));
 }
 
 void sweep(benchmark::internal::Benchmark* b, int max_length) {
@@ -40,6 +42,7 @@ void sweep(benchmark::internal::Benchmark* b, int max_length) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  register_peak_benchmarks();
   for_each_policy([]<class Bias>(const char* name) {
     sweep(benchmark::RegisterBenchmark((std::string("forward/") + name).c_str(), forward<Bias, false>), 16384);
   });
