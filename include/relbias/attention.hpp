@@ -16,6 +16,7 @@
 #include "relbias/detail/bias_plan.hpp"
 #include "relbias/detail/checks.hpp"
 #include "relbias/detail/layout.hpp"
+#include "relbias/detail/microkernel.hpp"
 #include "relbias/detail/parallel.hpp"
 #include "relbias/offset.hpp"
 #include "relbias/tensor.hpp"
@@ -31,9 +32,9 @@ namespace relbias {
 
 namespace detail {
 
-/// Tile sizes. A (64, 256) float score tile is 64 KiB and the K and V tiles 64 KiB each at
-/// D = 64: together they stay in L2, and the two products per tile are large enough for Eigen's
-/// GEMM to run near its peak (a 64 x 256 x 64 product is 1 M FMAs against 20 K packed values).
+/// Tile sizes. A query tile's K and V tiles are packed once (K^T and V: 64 KiB each at D = 64)
+/// and stay in L2 while the tile's query rows go past them a strip at a time; a strip's scores
+/// (block_rows x Bc: 8 KiB) stay in L1 from the product through the bias, the max and the exp.
 struct tile_shape {
   index_t rows = 64;   // Br: queries per tile
   index_t cols = 256;  // Bc: keys per tile
@@ -55,7 +56,10 @@ struct forward_problem {
 
 template <class S>
 struct forward_scratch {
-  row_matrix<S> scores;       // (Br, Bc): the score tile, then its probabilities
+  row_matrix<S> queries;      // (Br, D): the query tile, packed
+  row_matrix<S> keys;         // (D, Bc padded): the key tile, transposed
+  row_matrix<S> values;       // (Bc, Dv): the value tile, packed
+  row_matrix<S> scores;       // (block_rows, Bc padded): a strip's scores, then its probabilities
   row_matrix<S> accumulator;  // (Br, Dv): unnormalised output
   Eigen::Array<S, Eigen::Dynamic, 1> row_max, row_sum;  // (Br)
 };
@@ -97,38 +101,51 @@ void normalise_row(S row_max, S row_sum, const AccumulatorRow& accumulator_row, 
   if (lse) *lse = empty ? -std::numeric_limits<S>::infinity() : row_max + std::log(row_sum);
 }
 
+/// One strip of rows [r0, r0 + n) of a query tile against the packed key tile at c0: scores by
+/// the micro-kernel, then bias, online softmax and P V while the strip is in L1.
+template <class S, class Plan>
+void forward_strip(const forward_problem<S>& pb, const Plan& plan, const offset_band& band, const sequence& seq,
+                   const query_tile& tile, index_t h, index_t c0, index_t bc, index_t r0, index_t n, forward_scratch<S>& s) {
+  const index_t j0 = key_position(seq.k_start, c0), dim = pb.q.dim, dim_v = pb.v.dim;
+  S* scores = s.scores.data();  // (n, Bc)
+  const index_t ld = s.scores.cols();
+  block_product<S>(n, bc, dim, {s.queries.data() + r0 * dim, dim, 1}, {s.keys.data(), s.keys.cols()}, {scores, ld}, pb.scale,
+                   false);
+  for (index_t r = 0; r < n; ++r) {
+    const index_t i = query_position(seq.q_start, tile.r0 + r0 + r);
+    const index_range visible = band.visible_keys(i, j0, bc);  // one interval: no test per key
+    S* row = scores + r * ld;
+    std::fill(row, row + visible.begin, S(0));
+    // A row that sees no key of this tile reads no bias: its offsets may lie outside the plan's window.
+    if (!visible.empty()) plan.add_row(h, i, j0 + visible.begin, visible.size(), row + visible.begin);
+    online_softmax_row(row + visible.begin, visible.size(), bc - visible.begin, s.row_max[r0 + r], s.row_sum[r0 + r],
+                       s.accumulator.row(r0 + r));
+  }
+  block_product<S>(n, dim_v, bc, {scores, ld, 1}, {s.values.data(), dim_v}, {&s.accumulator(r0, 0), dim_v}, S(1), true);
+}
+
 template <class S, class Plan>
 void forward_query_tile(const forward_problem<S>& pb, const Plan& plan, const offset_band& band, const sequence& seq,
                         const query_tile& tile, index_t h, forward_scratch<S>& s) {
   const index_t br = tile.rows, b = seq.batch, first_row = seq.q_begin + tile.r0;
-  const index_t kv_head = h / pb.group;
-  const auto q_tile = pb.q.rows(b, h, first_row, br);  // (Br, D)
-  auto acc = s.accumulator.topRows(br);                 // (Br, Dv)
-  acc.setZero();
+  const index_t kv_head = h / pb.group, dim = pb.q.dim, dim_v = pb.v.dim;
+  pack_rows(pb.q.row(b, first_row, h), pb.q.seq_stride, br, dim, s.queries.data());  // (Br, D)
+  s.accumulator.topRows(br).setZero();
   s.row_max.setConstant(-std::numeric_limits<S>::infinity());
   s.row_sum.setZero();
 
   for (index_t c0 = tile.keys.begin; c0 < tile.keys.end; c0 += pb.tiles.cols) {
     const index_t bc = std::min(pb.tiles.cols, tile.keys.end - c0);
-    const index_t j0 = key_position(seq.k_start, c0);
-    auto scores = s.scores.topLeftCorner(br, bc);  // (Br, Bc)
-    scores.noalias() = pb.scale * (q_tile * pb.k.rows(b, kv_head, seq.k_begin + c0, bc).transpose());
-    for (index_t r = 0; r < br; ++r) {
-      const index_t i = query_position(seq.q_start, tile.r0 + r);
-      const index_range visible = band.visible_keys(i, j0, bc);  // one interval: no test per key
-      S* row = &scores(r, 0);
-      std::fill(row, row + visible.begin, S(0));
-      // A row that sees no key of this tile reads no bias: its offsets may lie outside the plan's window.
-      if (!visible.empty()) plan.add_row(h, i, j0 + visible.begin, visible.size(), row + visible.begin);
-      online_softmax_row(row + visible.begin, visible.size(), bc - visible.begin, s.row_max[r], s.row_sum[r], acc.row(r));
-    }
-    acc.noalias() += scores * pb.v.rows(b, kv_head, seq.k_begin + c0, bc);  // (Br, Dv)
+    pack_transposed(pb.k.row(b, seq.k_begin + c0, kv_head), pb.k.seq_stride, bc, dim, s.keys.data(), s.keys.cols());
+    pack_rows(pb.v.row(b, seq.k_begin + c0, kv_head), pb.v.seq_stride, bc, dim_v, s.values.data());
+    for (index_t r0 = 0; r0 < br; r0 += block_rows)
+      forward_strip(pb, plan, band, seq, tile, h, c0, bc, r0, std::min<index_t>(block_rows, br - r0), s);
   }
 
   auto out = pb.o.rows(b, h, first_row, br);  // (Br, Dv)
   for (index_t r = 0; r < br; ++r) {
     S* lse = pb.lse.empty() ? nullptr : &pb.lse[std::size_t(pb.lse_index(b, h, first_row + r))];
-    normalise_row(s.row_max[r], s.row_sum[r], acc.row(r), out.row(r), lse);
+    normalise_row(s.row_max[r], s.row_sum[r], s.accumulator.row(r), out.row(r), lse);
   }
 }
 
@@ -149,7 +166,10 @@ void fused_forward(const forward_problem<S>& pb, const batch_layout& layout, con
   const index_t heads = pb.q.heads;
   auto make_scratch = [&] {
     forward_scratch<S> s;
-    s.scores.resize(pb.tiles.rows, pb.tiles.cols);
+    s.queries.resize(pb.tiles.rows, pb.q.dim);
+    s.keys.resize(pb.q.dim, padded_to_line<S>(pb.tiles.cols));
+    s.values.resize(pb.tiles.cols, pb.v.dim);
+    s.scores.resize(block_rows, padded_to_line<S>(pb.tiles.cols));
     s.accumulator.resize(pb.tiles.rows, pb.v.dim);
     s.row_max.resize(pb.tiles.rows);
     s.row_sum.resize(pb.tiles.rows);
