@@ -35,8 +35,9 @@ namespace detail {
 /// Tile sizes. A query tile's K and V tiles are packed once (K^T and V: 64 KiB each at D = 64)
 /// and stay in L2 while the tile's query rows go past them a strip at a time; a strip's scores
 /// (block_rows x Bc: 8 KiB) stay in L1 from the product through the bias, the max and the exp.
+/// 256 query rows share each packing: at 64, packing cost a quarter of the tile's products.
 struct tile_shape {
-  index_t rows = 64;   // Br: queries per tile
+  index_t rows = 256;  // Br: queries per tile
   index_t cols = 256;  // Bc: keys per tile
 };
 
@@ -102,26 +103,30 @@ void normalise_row(S row_max, S row_sum, const AccumulatorRow& accumulator_row, 
 }
 
 /// One strip of rows [r0, r0 + n) of a query tile against the packed key tile at c0: scores by
-/// the micro-kernel, then bias, online softmax and P V while the strip is in L1.
+/// the micro-kernel, then bias, online softmax and P V while the strip is in L1. Only the
+/// columns some row of the strip sees are computed (visible ranges grow with the query
+/// position), so causal diagonals and sliding windows cost a strip, not a tile.
 template <class S, class Plan>
 void forward_strip(const forward_problem<S>& pb, const Plan& plan, const offset_band& band, const sequence& seq,
                    const query_tile& tile, index_t h, index_t c0, index_t bc, index_t r0, index_t n, forward_scratch<S>& s) {
-  const index_t j0 = key_position(seq.k_start, c0), dim = pb.q.dim, dim_v = pb.v.dim;
+  const index_t j0 = key_position(seq.k_start, c0), dim = pb.q.dim, dim_v = pb.v.dim, ld = s.scores.cols();
+  const index_t first_i = query_position(seq.q_start, tile.r0 + r0);
+  const index_range columns{band.visible_keys(first_i, j0, bc).begin, band.visible_keys(first_i + n - 1, j0, bc).end};
+  if (columns.empty()) return;  // no row sees a key here: the online softmax state stays as it is
   S* scores = s.scores.data();  // (n, Bc)
-  const index_t ld = s.scores.cols();
-  block_product<S>(n, bc, dim, {s.queries.data() + r0 * dim, dim, 1}, {s.keys.data(), s.keys.cols()}, {scores, ld}, pb.scale,
-                   false);
+  block_product<S>(n, columns.size(), dim, {s.queries.data() + r0 * dim, dim, 1}, {s.keys.data() + columns.begin, s.keys.cols()},
+                   {scores + columns.begin, ld}, pb.scale, false);
   for (index_t r = 0; r < n; ++r) {
-    const index_t i = query_position(seq.q_start, tile.r0 + r0 + r);
-    const index_range visible = band.visible_keys(i, j0, bc);  // one interval: no test per key
+    const index_range visible = band.visible_keys(first_i + r, j0, bc);  // one interval: no test per key
     S* row = scores + r * ld;
-    std::fill(row, row + visible.begin, S(0));
+    std::fill(row + columns.begin, row + visible.begin, S(0));
     // A row that sees no key of this tile reads no bias: its offsets may lie outside the plan's window.
-    if (!visible.empty()) plan.add_row(h, i, j0 + visible.begin, visible.size(), row + visible.begin);
-    online_softmax_row(row + visible.begin, visible.size(), bc - visible.begin, s.row_max[r0 + r], s.row_sum[r0 + r],
+    if (!visible.empty()) plan.add_row(h, first_i + r, j0 + visible.begin, visible.size(), row + visible.begin);
+    online_softmax_row(row + visible.begin, visible.size(), columns.end - visible.begin, s.row_max[r0 + r], s.row_sum[r0 + r],
                        s.accumulator.row(r0 + r));
   }
-  block_product<S>(n, dim_v, bc, {scores, ld, 1}, {s.values.data(), dim_v}, {&s.accumulator(r0, 0), dim_v}, S(1), true);
+  block_product<S>(n, dim_v, columns.size(), {scores + columns.begin, ld, 1}, {s.values.data() + columns.begin * dim_v, dim_v},
+                   {&s.accumulator(r0, 0), dim_v}, S(1), true);
 }
 
 template <class S, class Plan>
