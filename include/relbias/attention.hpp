@@ -1,6 +1,7 @@
 #pragma once
 // Fused attention forward: tiled, online softmax (FlashAttention's recurrence, Dao et al. 2022),
-// bias added on the fly from a per-call plan, never more than one (Br, Bc) score tile per thread.
+// bias added on the fly from a per-call plan, never more than one strip of (8, Bc) scores per
+// thread (detail/microkernel.hpp computes every tile product).
 //
 //   O = softmax(scale * Q K^T + B + mask) V,   B[r][c] = bias(h, q_start + r, k_start + c)
 //
