@@ -103,49 +103,88 @@ void normalise_row(S row_max, S row_sum, const AccumulatorRow& accumulator_row, 
   if (lse) *lse = empty ? -std::numeric_limits<S>::infinity() : row_max + std::log(row_sum);
 }
 
-/// One strip of rows [r0, r0 + n) of a query tile against the packed key tile at c0: scores by
-/// the micro-kernel, then bias, online softmax and P V while the strip is in L1. Only the
-/// columns some row of the strip sees are computed (visible ranges grow with the query
-/// position), so causal diagonals and sliding windows cost a strip, not a tile.
+/// Scores of rows [r0, r0 + n) of a query tile against key columns `columns` of the key tile at
+/// c0, into the strip buffer: by the micro-kernel from the packed tiles, or (packed = false: a
+/// tile of fewer rows than a block, i.e. decoding) by Eigen's matrix-vector products straight
+/// from K, which read each key once instead of transposing it first.
+template <class S>
+void strip_scores(const forward_problem<S>& pb, const sequence& seq, const query_tile& tile, index_t h, index_t c0,
+                  index_range columns, index_t r0, index_t n, bool packed, forward_scratch<S>& s) {
+  const index_t dim = pb.q.dim, ld = s.scores.cols();
+  S* out = s.scores.data() + columns.begin;
+  if (packed) {
+    block_product<S>(n, columns.size(), dim, {s.queries.data() + r0 * dim, dim, 1}, {s.keys.data() + columns.begin, s.keys.cols()},
+                     {out, ld}, pb.scale, false);
+    return;
+  }
+  Eigen::Map<row_matrix<S>, 0, Eigen::OuterStride<>> strip(out, n, columns.size(), Eigen::OuterStride<>(ld));
+  strip.noalias() = pb.scale * (pb.q.rows(seq.batch, h, seq.q_begin + tile.r0 + r0, n) *
+                                pb.k.rows(seq.batch, h / pb.group, seq.k_begin + c0 + columns.begin, columns.size()).transpose());
+}
+
+/// acc rows [r0, r0 + n) += P V over the key columns `columns` (packed or not, as strip_scores).
+template <class S>
+void strip_values(const forward_problem<S>& pb, const sequence& seq, index_t h, index_t c0, index_range columns, index_t r0,
+                  index_t n, bool packed, forward_scratch<S>& s) {
+  const index_t dim_v = pb.v.dim, ld = s.scores.cols();
+  const S* p = s.scores.data() + columns.begin;
+  if (packed) {
+    block_product<S>(n, dim_v, columns.size(), {p, ld, 1}, {s.values.data() + columns.begin * dim_v, dim_v},
+                     {&s.accumulator(r0, 0), dim_v}, S(1), true);
+    return;
+  }
+  Eigen::Map<const row_matrix<S>, 0, Eigen::OuterStride<>> strip(p, n, columns.size(), Eigen::OuterStride<>(ld));
+  s.accumulator.middleRows(r0, n).noalias() +=
+      strip * pb.v.rows(seq.batch, h / pb.group, seq.k_begin + c0 + columns.begin, columns.size());
+}
+
+/// One strip of rows [r0, r0 + n) of a query tile against the key tile at c0: scores, then bias,
+/// online softmax and P V while the strip is in L1. Only the columns some row of the strip sees
+/// are computed (visible ranges grow with the query position), so causal diagonals and sliding
+/// windows cost a strip, not a tile.
 template <class S, class Plan>
 void forward_strip(const forward_problem<S>& pb, const Plan& plan, const offset_band& band, const sequence& seq,
-                   const query_tile& tile, index_t h, index_t c0, index_t bc, index_t r0, index_t n, forward_scratch<S>& s) {
-  const index_t j0 = key_position(seq.k_start, c0), dim = pb.q.dim, dim_v = pb.v.dim, ld = s.scores.cols();
+                   const query_tile& tile, index_t h, index_t c0, index_t bc, index_t r0, index_t n, bool packed,
+                   forward_scratch<S>& s) {
+  const index_t j0 = key_position(seq.k_start, c0), ld = s.scores.cols();
   const index_t first_i = query_position(seq.q_start, tile.r0 + r0);
   const index_range columns{band.visible_keys(first_i, j0, bc).begin, band.visible_keys(first_i + n - 1, j0, bc).end};
   if (columns.empty()) return;  // no row sees a key here: the online softmax state stays as it is
-  S* scores = s.scores.data();  // (n, Bc)
-  block_product<S>(n, columns.size(), dim, {s.queries.data() + r0 * dim, dim, 1}, {s.keys.data() + columns.begin, s.keys.cols()},
-                   {scores + columns.begin, ld}, pb.scale, false);
+  strip_scores(pb, seq, tile, h, c0, columns, r0, n, packed, s);
   for (index_t r = 0; r < n; ++r) {
     const index_range visible = band.visible_keys(first_i + r, j0, bc);  // one interval: no test per key
-    S* row = scores + r * ld;
+    S* row = s.scores.data() + r * ld;
     std::fill(row + columns.begin, row + visible.begin, S(0));
     // A row that sees no key of this tile reads no bias: its offsets may lie outside the plan's window.
     if (!visible.empty()) plan.add_row(h, first_i + r, j0 + visible.begin, visible.size(), row + visible.begin);
     online_softmax_row(row + visible.begin, visible.size(), columns.end - visible.begin, s.row_max[r0 + r], s.row_sum[r0 + r],
                        s.accumulator.row(r0 + r));
   }
-  block_product<S>(n, dim_v, columns.size(), {scores + columns.begin, ld, 1}, {s.values.data() + columns.begin * dim_v, dim_v},
-                   {&s.accumulator(r0, 0), dim_v}, S(1), true);
+  strip_values(pb, seq, h, c0, columns, r0, n, packed, s);
 }
 
+/// Packing K and V costs about a twentieth of a 256-row tile's products, but more than the
+/// products themselves for the one row of a decoding step: tiles of fewer rows than a block read
+/// K and V unpacked.
 template <class S, class Plan>
 void forward_query_tile(const forward_problem<S>& pb, const Plan& plan, const offset_band& band, const sequence& seq,
                         const query_tile& tile, index_t h, forward_scratch<S>& s) {
   const index_t br = tile.rows, b = seq.batch, first_row = seq.q_begin + tile.r0;
   const index_t kv_head = h / pb.group, dim = pb.q.dim, dim_v = pb.v.dim;
-  pack_rows(pb.q.row(b, first_row, h), pb.q.seq_stride, br, dim, s.queries.data());  // (Br, D)
+  const bool packed = br >= block_rows;
+  if (packed) pack_rows(pb.q.row(b, first_row, h), pb.q.seq_stride, br, dim, s.queries.data());  // (Br, D)
   s.accumulator.topRows(br).setZero();
   s.row_max.setConstant(-std::numeric_limits<S>::infinity());
   s.row_sum.setZero();
 
   for (index_t c0 = tile.keys.begin; c0 < tile.keys.end; c0 += pb.tiles.cols) {
     const index_t bc = std::min(pb.tiles.cols, tile.keys.end - c0);
-    pack_transposed(pb.k.row(b, seq.k_begin + c0, kv_head), pb.k.seq_stride, bc, dim, s.keys.data(), s.keys.cols());
-    pack_rows(pb.v.row(b, seq.k_begin + c0, kv_head), pb.v.seq_stride, bc, dim_v, s.values.data());
+    if (packed) {
+      pack_transposed(pb.k.row(b, seq.k_begin + c0, kv_head), pb.k.seq_stride, bc, dim, s.keys.data(), s.keys.cols());
+      pack_rows(pb.v.row(b, seq.k_begin + c0, kv_head), pb.v.seq_stride, bc, dim_v, s.values.data());
+    }
     for (index_t r0 = 0; r0 < br; r0 += block_rows)
-      forward_strip(pb, plan, band, seq, tile, h, c0, bc, r0, std::min<index_t>(block_rows, br - r0), s);
+      forward_strip(pb, plan, band, seq, tile, h, c0, bc, r0, std::min<index_t>(block_rows, br - r0), packed, s);
   }
 
   auto out = pb.o.rows(b, h, first_row, br);  // (Br, Dv)
