@@ -496,6 +496,39 @@ def targets_section(forward, decode, checks, check_length, memory, mode):
     return table_lines(f"Against the targets (read off the tables below{caveat})", ["target", "measured", ""], rows)
 
 
+def peak_section(checks, out):
+    """The kernels at L = 4096 as fractions of the FMA peak that bench/peak.hpp measured when the
+    same benchmark program started (targets.json keeps the forward program's context)."""
+    path = out / "targets.json"
+    if not checks or not path.exists():
+        return []
+    context = json.loads(path.read_text())["context"]
+    one = float(context.get("fma_peak_gflops_1_thread", "nan"))
+    every = {int(k.split("_")[3]): float(v) for k, v in context.items()
+             if k.startswith("fma_peak_gflops_") and k.endswith("_threads")}
+    threads, peak_all = max(every.items()) if every else (1, one)
+    length = next(dict(a)["L"] for (_, _, a) in checks)
+    body = []
+    for pas, used in (("forward", threads), ("forward_one_thread", 1), ("backward", threads), ("backward_one_thread", 1)):
+        table = select(checks, pas, L=length, causal=0)
+        peak = one if used == 1 else peak_all
+        for policy in [p for p in ("none", "alibi", "t5", "fire") if p in table]:
+            gflops = median(table[policy], "GFLOPS")
+            body.append([pas, policy, used, f"{gflops:.1f}", f"{gflops / peak:.2f}", f"{gflops / (used * one):.2f}"])
+    note = (f"FMA peak, fp32, measured as the benchmark program started: one thread {one:.0f} GFLOP/s, "
+            f"{threads} threads {peak_all:.0f} GFLOP/s; {context.get('topology', 'topology not recorded')}")
+    lines = table_lines(f"Fraction of the machine's peak, L = {length}, bidirectional ({note})",
+                        ["pass", "policy", "threads", "median GFLOP/s", "/ peak of those threads", "/ (threads x one-thread peak)"],
+                        body)
+    for pas, target in (("forward_one_thread", 0.65), ("backward_one_thread", 0.5)):
+        none = select(checks, pas, L=length, causal=0).get("none")
+        if none:
+            fraction = median(none, "GFLOPS") / one
+            lines.append(f"\nTarget: {pas.split('_')[0]}, no bias, one thread >= {target} of the one-thread FMA peak: "
+                         f"{fraction:.2f}, {'met' if fraction >= target else '**not met**'}.")
+    return lines
+
+
 BEGIN, END = "<!-- results: begin (bench/report.py writes this part) -->", "<!-- results: end -->"
 
 
@@ -526,6 +559,7 @@ def main():
     memory_lines, memory = memory_section(out / "memory.txt", out, info)
     lines += targets_section(forward, decode, checks, check_length, memory, info["mode"])
     lines += check_lines
+    lines += peak_section(checks, out)
     lines += forward_section(forward, out, info) + causal_speedup(forward)
     if decode:
         lines += decode_section(decode, out, info) + storage_section(decode)

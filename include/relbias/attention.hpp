@@ -1,6 +1,7 @@
 #pragma once
 // Fused attention forward: tiled, online softmax (FlashAttention's recurrence, Dao et al. 2022),
-// bias added on the fly from a per-call plan, never more than one (Br, Bc) score tile per thread.
+// bias added on the fly from a per-call plan, never more than one strip of (8, Bc) scores per
+// thread (detail/microkernel.hpp computes every tile product).
 //
 //   O = softmax(scale * Q K^T + B + mask) V,   B[r][c] = bias(h, q_start + r, k_start + c)
 //
@@ -16,6 +17,7 @@
 #include "relbias/detail/bias_plan.hpp"
 #include "relbias/detail/checks.hpp"
 #include "relbias/detail/layout.hpp"
+#include "relbias/detail/microkernel.hpp"
 #include "relbias/detail/parallel.hpp"
 #include "relbias/offset.hpp"
 #include "relbias/tensor.hpp"
@@ -31,11 +33,12 @@ namespace relbias {
 
 namespace detail {
 
-/// Tile sizes. A (64, 256) float score tile is 64 KiB and the K and V tiles 64 KiB each at
-/// D = 64: together they stay in L2, and the two products per tile are large enough for Eigen's
-/// GEMM to run near its peak (a 64 x 256 x 64 product is 1 M FMAs against 20 K packed values).
+/// Tile sizes. A query tile's K and V tiles are packed once (K^T and V: 64 KiB each at D = 64)
+/// and stay in L2 while the tile's query rows go past them a strip at a time; a strip's scores
+/// (block_rows x Bc: 8 KiB) stay in L1 from the product through the bias, the max and the exp.
+/// 256 query rows share each packing: at 64, packing cost a quarter of the tile's products.
 struct tile_shape {
-  index_t rows = 64;   // Br: queries per tile
+  index_t rows = 256;  // Br: queries per tile
   index_t cols = 256;  // Bc: keys per tile
 };
 
@@ -55,7 +58,10 @@ struct forward_problem {
 
 template <class S>
 struct forward_scratch {
-  row_matrix<S> scores;       // (Br, Bc): the score tile, then its probabilities
+  row_matrix<S> queries;      // (Br, D): the query tile, packed
+  row_matrix<S> keys;         // (D, Bc padded): the key tile, transposed
+  row_matrix<S> values;       // (Bc, Dv): the value tile, packed
+  row_matrix<S> scores;       // (block_rows, Bc padded): a strip's scores, then its probabilities
   row_matrix<S> accumulator;  // (Br, Dv): unnormalised output
   Eigen::Array<S, Eigen::Dynamic, 1> row_max, row_sum;  // (Br)
 };
@@ -97,38 +103,94 @@ void normalise_row(S row_max, S row_sum, const AccumulatorRow& accumulator_row, 
   if (lse) *lse = empty ? -std::numeric_limits<S>::infinity() : row_max + std::log(row_sum);
 }
 
+/// Scores of rows [r0, r0 + n) of a query tile against key columns `columns` of the key tile at
+/// c0, into the strip buffer: by the micro-kernel from the packed tiles, or (packed = false: a
+/// tile of fewer rows than a block, i.e. decoding) by Eigen's matrix-vector products straight
+/// from K, which read each key once instead of transposing it first.
+template <class S>
+void strip_scores(const forward_problem<S>& pb, const sequence& seq, const query_tile& tile, index_t h, index_t c0,
+                  index_range columns, index_t r0, index_t n, bool packed, forward_scratch<S>& s) {
+  const index_t dim = pb.q.dim, ld = s.scores.cols();
+  S* out = s.scores.data() + columns.begin;
+  if (packed) {
+    block_product<S>(n, columns.size(), dim, {s.queries.data() + r0 * dim, dim, 1}, {s.keys.data() + columns.begin, s.keys.cols()},
+                     {out, ld}, pb.scale, false);
+    return;
+  }
+  Eigen::Map<row_matrix<S>, 0, Eigen::OuterStride<>> strip(out, n, columns.size(), Eigen::OuterStride<>(ld));
+  strip.noalias() = pb.scale * (pb.q.rows(seq.batch, h, seq.q_begin + tile.r0 + r0, n) *
+                                pb.k.rows(seq.batch, h / pb.group, seq.k_begin + c0 + columns.begin, columns.size()).transpose());
+}
+
+/// acc rows [r0, r0 + n) += P V over the key columns `columns` (packed or not, as strip_scores).
+template <class S>
+void strip_values(const forward_problem<S>& pb, const sequence& seq, index_t h, index_t c0, index_range columns, index_t r0,
+                  index_t n, bool packed, forward_scratch<S>& s) {
+  const index_t dim_v = pb.v.dim, ld = s.scores.cols();
+  const S* p = s.scores.data() + columns.begin;
+  if (packed) {
+    block_product<S>(n, dim_v, columns.size(), {p, ld, 1}, {s.values.data() + columns.begin * dim_v, dim_v},
+                     {&s.accumulator(r0, 0), dim_v}, S(1), true);
+    return;
+  }
+  Eigen::Map<const row_matrix<S>, 0, Eigen::OuterStride<>> strip(p, n, columns.size(), Eigen::OuterStride<>(ld));
+  s.accumulator.middleRows(r0, n).noalias() +=
+      strip * pb.v.rows(seq.batch, h / pb.group, seq.k_begin + c0 + columns.begin, columns.size());
+}
+
+/// One strip of rows [r0, r0 + n) of a query tile against the key tile at c0: scores, then bias,
+/// online softmax and P V while the strip is in L1. Only the columns some row of the strip sees
+/// are computed (visible ranges grow with the query position), so causal diagonals and sliding
+/// windows cost a strip, not a tile.
+template <class S, class Plan>
+void forward_strip(const forward_problem<S>& pb, const Plan& plan, const offset_band& band, const sequence& seq,
+                   const query_tile& tile, index_t h, index_t c0, index_t bc, index_t r0, index_t n, bool packed,
+                   forward_scratch<S>& s) {
+  const index_t j0 = key_position(seq.k_start, c0), ld = s.scores.cols();
+  const index_t first_i = query_position(seq.q_start, tile.r0 + r0);
+  const index_range columns{band.visible_keys(first_i, j0, bc).begin, band.visible_keys(first_i + n - 1, j0, bc).end};
+  if (columns.empty()) return;  // no row sees a key here: the online softmax state stays as it is
+  strip_scores(pb, seq, tile, h, c0, columns, r0, n, packed, s);
+  for (index_t r = 0; r < n; ++r) {
+    const index_range visible = band.visible_keys(first_i + r, j0, bc);  // one interval: no test per key
+    S* row = s.scores.data() + r * ld;
+    std::fill(row + columns.begin, row + visible.begin, S(0));
+    // A row that sees no key of this tile reads no bias: its offsets may lie outside the plan's window.
+    if (!visible.empty()) plan.add_row(h, first_i + r, j0 + visible.begin, visible.size(), row + visible.begin);
+    online_softmax_row(row + visible.begin, visible.size(), columns.end - visible.begin, s.row_max[r0 + r], s.row_sum[r0 + r],
+                       s.accumulator.row(r0 + r));
+  }
+  strip_values(pb, seq, h, c0, columns, r0, n, packed, s);
+}
+
+/// Packing K and V costs about a twentieth of a 256-row tile's products, but more than the
+/// products themselves for the one row of a decoding step: tiles of fewer rows than a block read
+/// K and V unpacked.
 template <class S, class Plan>
 void forward_query_tile(const forward_problem<S>& pb, const Plan& plan, const offset_band& band, const sequence& seq,
                         const query_tile& tile, index_t h, forward_scratch<S>& s) {
   const index_t br = tile.rows, b = seq.batch, first_row = seq.q_begin + tile.r0;
-  const index_t kv_head = h / pb.group;
-  const auto q_tile = pb.q.rows(b, h, first_row, br);  // (Br, D)
-  auto acc = s.accumulator.topRows(br);                 // (Br, Dv)
-  acc.setZero();
+  const index_t kv_head = h / pb.group, dim = pb.q.dim, dim_v = pb.v.dim;
+  const bool packed = br >= block_rows;
+  if (packed) pack_rows(pb.q.row(b, first_row, h), pb.q.seq_stride, br, dim, s.queries.data());  // (Br, D)
+  s.accumulator.topRows(br).setZero();
   s.row_max.setConstant(-std::numeric_limits<S>::infinity());
   s.row_sum.setZero();
 
   for (index_t c0 = tile.keys.begin; c0 < tile.keys.end; c0 += pb.tiles.cols) {
     const index_t bc = std::min(pb.tiles.cols, tile.keys.end - c0);
-    const index_t j0 = key_position(seq.k_start, c0);
-    auto scores = s.scores.topLeftCorner(br, bc);  // (Br, Bc)
-    scores.noalias() = pb.scale * (q_tile * pb.k.rows(b, kv_head, seq.k_begin + c0, bc).transpose());
-    for (index_t r = 0; r < br; ++r) {
-      const index_t i = query_position(seq.q_start, tile.r0 + r);
-      const index_range visible = band.visible_keys(i, j0, bc);  // one interval: no test per key
-      S* row = &scores(r, 0);
-      std::fill(row, row + visible.begin, S(0));
-      // A row that sees no key of this tile reads no bias: its offsets may lie outside the plan's window.
-      if (!visible.empty()) plan.add_row(h, i, j0 + visible.begin, visible.size(), row + visible.begin);
-      online_softmax_row(row + visible.begin, visible.size(), bc - visible.begin, s.row_max[r], s.row_sum[r], acc.row(r));
+    if (packed) {
+      pack_transposed(pb.k.row(b, seq.k_begin + c0, kv_head), pb.k.seq_stride, bc, dim, s.keys.data(), s.keys.cols());
+      pack_rows(pb.v.row(b, seq.k_begin + c0, kv_head), pb.v.seq_stride, bc, dim_v, s.values.data());
     }
-    acc.noalias() += scores * pb.v.rows(b, kv_head, seq.k_begin + c0, bc);  // (Br, Dv)
+    for (index_t r0 = 0; r0 < br; r0 += block_rows)
+      forward_strip(pb, plan, band, seq, tile, h, c0, bc, r0, std::min<index_t>(block_rows, br - r0), packed, s);
   }
 
   auto out = pb.o.rows(b, h, first_row, br);  // (Br, Dv)
   for (index_t r = 0; r < br; ++r) {
     S* lse = pb.lse.empty() ? nullptr : &pb.lse[std::size_t(pb.lse_index(b, h, first_row + r))];
-    normalise_row(s.row_max[r], s.row_sum[r], acc.row(r), out.row(r), lse);
+    normalise_row(s.row_max[r], s.row_sum[r], s.accumulator.row(r), out.row(r), lse);
   }
 }
 
@@ -149,7 +211,10 @@ void fused_forward(const forward_problem<S>& pb, const batch_layout& layout, con
   const index_t heads = pb.q.heads;
   auto make_scratch = [&] {
     forward_scratch<S> s;
-    s.scores.resize(pb.tiles.rows, pb.tiles.cols);
+    s.queries.resize(pb.tiles.rows, pb.q.dim);
+    s.keys.resize(pb.q.dim, padded_to_line<S>(pb.tiles.cols));
+    s.values.resize(pb.tiles.cols, pb.v.dim);
+    s.scores.resize(block_rows, padded_to_line<S>(pb.tiles.cols));
     s.accumulator.resize(pb.tiles.rows, pb.v.dim);
     s.row_max.resize(pb.tiles.rows);
     s.row_sum.resize(pb.tiles.rows);

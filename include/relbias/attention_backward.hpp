@@ -25,6 +25,7 @@
 #include "relbias/detail/bias_plan.hpp"
 #include "relbias/detail/checks.hpp"
 #include "relbias/detail/layout.hpp"
+#include "relbias/detail/microkernel.hpp"
 #include "relbias/detail/parallel.hpp"
 #include "relbias/tensor.hpp"
 
@@ -74,8 +75,10 @@ tensor_view<S> single_head(const tensor_view<S>& t, index_t b, index_t h) {
 
 template <class S>
 struct backward_scratch {
-  row_matrix<S> probabilities;  // (Br, Bc): P, then dS
-  row_matrix<S> d_probabilities;  // (Br, Bc): dP
+  row_matrix<S> keys;             // (D, Bc padded): the key tile, transposed (packed once per key tile)
+  row_matrix<S> values;           // (Dv, Bc padded): the value tile, transposed
+  row_matrix<S> probabilities;    // (Br, Bc padded): P, then dS
+  row_matrix<S> d_probabilities;  // (Br, Bc padded): dP
 };
 
 template <class S>
@@ -124,18 +127,21 @@ void backward_tile(const backward_problem<S>& pb, const Plan& plan, Accumulator*
   const sequence& seq = *work.seq;
   const index_t b = seq.batch, kv_head = work.kv_head, first_row = seq.q_begin + r0;
   const index_t j0 = key_position(seq.k_start, c0);
-  const auto q_tile = pb.q.rows(b, h, first_row, br);                  // (Br, D)
-  const auto d_out_tile = pb.d_out.rows(b, h, first_row, br);          // (Br, Dv)
-  const auto k_tile = pb.k.rows(b, kv_head, seq.k_begin + c0, bc);     // (Bc, D)
-  const auto v_tile = pb.v.rows(b, kv_head, seq.k_begin + c0, bc);     // (Bc, Dv)
+  const index_t dim = pb.q.dim, dim_v = pb.v.dim, ld = s.probabilities.cols();
+  const S* q_tile = pb.q.row(b, first_row, h);            // (Br, D)
+  const S* d_out_tile = pb.d_out.row(b, first_row, h);    // (Br, Dv)
+  const S* k_tile = pb.k.row(b, seq.k_begin + c0, kv_head);  // (Bc, D)
+  const row_block<S> dq{pb.dq.row(b, first_row, h), pb.dq.seq_stride}, dk{work.dk.row(0, c0, 0), work.dk.seq_stride},
+      dv{work.dv.row(0, c0, 0), work.dv.seq_stride};
 
   auto p = s.probabilities.topLeftCorner(br, bc);     // (Br, Bc)
   auto dp = s.d_probabilities.topLeftCorner(br, bc);  // (Br, Bc)
-  p.noalias() = pb.scale * (q_tile * k_tile.transpose());
+  // P^T and dS^T (the A operands of the key-side products) are P and dS read down their columns.
+  block_product<S>(br, bc, dim, {q_tile, pb.q.seq_stride, 1}, {s.keys.data(), s.keys.cols()}, {p.data(), ld}, pb.scale, false);
   recompute_probabilities(pb, plan, p, seq, h, r0, j0);
-  work.dv.rows(0, 0, c0, bc).noalias() += p.transpose() * d_out_tile;
-
-  dp.noalias() = d_out_tile * v_tile.transpose();
+  block_product<S>(bc, dim_v, br, {p.data(), 1, ld}, {d_out_tile, pb.d_out.seq_stride}, dv, S(1), true);  // dV += P^T dO
+  block_product<S>(br, bc, dim_v, {d_out_tile, pb.d_out.seq_stride, 1}, {s.values.data(), s.values.cols()}, {dp.data(), ld}, S(1),
+                   false);  // dP = dO V^T
   for (index_t r = 0; r < br; ++r) {  // dS = P o (dP - delta) over the visible keys, written over P
     const std::size_t row = std::size_t(pb.lse_index(b, h, first_row + r));
     const index_t i = query_position(seq.q_start, r0 + r);
@@ -144,8 +150,8 @@ void backward_tile(const backward_problem<S>& pb, const Plan& plan, Accumulator*
         dp.row(r).segment(visible.begin, visible.size()).array() - pb.row_delta[row];
     if (bias_grad && !visible.empty()) bias_grad->add_row(h, i, j0 + visible.begin, visible.size(), &p(r, visible.begin));
   }
-  pb.dq.rows(b, h, first_row, br).noalias() += pb.scale * (p * k_tile);
-  work.dk.rows(0, 0, c0, bc).noalias() += pb.scale * (p.transpose() * q_tile);
+  block_product<S>(br, dim, bc, {p.data(), ld, 1}, {k_tile, pb.k.seq_stride}, dq, pb.scale, true);     // dQ += scale dS K
+  block_product<S>(bc, dim, br, {p.data(), 1, ld}, {q_tile, pb.q.seq_stride}, dk, pb.scale, true);     // dK += scale dS^T Q
 }
 
 /// One work item. Key tiles outer (FA2), so the dK and dV tiles stay hot while the query tiles
@@ -164,6 +170,9 @@ void backward_item(const backward_problem<S>& pb, const Plan& plan, Accumulator*
     const index_t bc = std::min(pb.tiles.cols, keys.end - c0);
     const index_t j0 = key_position(seq.k_start, c0);
     const index_range rows = pb.layout.band.queries_seeing(seq.q_start, seq.q_length, j0, j0 + bc - 1);
+    pack_transposed(pb.k.row(seq.batch, seq.k_begin + c0, work.kv_head), pb.k.seq_stride, bc, pb.k.dim, s.keys.data(), s.keys.cols());
+    pack_transposed(pb.v.row(seq.batch, seq.k_begin + c0, work.kv_head), pb.v.seq_stride, bc, pb.v.dim, s.values.data(),
+                    s.values.cols());
     for (index_t h = work.first_head; h < head_end; h += work.head_step)
       for (index_t r0 = rows.begin; r0 < rows.end; r0 += pb.tiles.rows)
         backward_tile(pb, plan, bias_grad, s, work, h, r0, std::min(pb.tiles.rows, rows.end - r0), c0, bc);
@@ -242,8 +251,11 @@ void fused_backward(const backward_problem<S>& pb, const Plan& plan, MakeAccumul
       threads, threads,
       [&] {
         backward_scratch<S> s;
-        s.probabilities.resize(pb.tiles.rows, pb.tiles.cols);
-        s.d_probabilities.resize(pb.tiles.rows, pb.tiles.cols);
+        const index_t cols = padded_to_line<S>(pb.tiles.cols);
+        s.keys.resize(pb.k.dim, cols);
+        s.values.resize(pb.v.dim, cols);
+        s.probabilities.resize(pb.tiles.rows, cols);
+        s.d_probabilities.resize(pb.tiles.rows, cols);
         return s;
       },
       [&](index_t thread, backward_scratch<S>& s) {

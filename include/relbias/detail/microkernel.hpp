@@ -1,0 +1,142 @@
+#pragma once
+// The register-blocked product behind every tile product of the fused kernels (BLIS's
+// micro-kernel design, Van Zee & van de Geijn 2015; written with Eigen's packet primitives so
+// that one code path serves AVX-512, AVX2, SSE, NEON and plain scalars):
+//
+//   C (m, n)  =  alpha A (m, depth) B (depth, n)   [+ C]
+//
+// B is read in rows of packets (row k: depth step k, n contiguous values), A one element at a
+// time and broadcast, so A may be any strided view: a row-major tile (Q, dS) or a transposed one
+// (P^T, dS^T, read from the same row-major memory). An MR x NP block of C stays in registers for
+// the whole depth: per depth step, NP packet loads of B and MR broadcasts of A feed MR * NP FMAs.
+// AVX-512 (32 registers): 8 x 2 packets = 16 accumulators; 16-register targets: 4 x 2.
+// Accumulators are summed in depth order and written once, so an element's value depends only on
+// its operands and its column's place in C (packet lanes or the scalar tail), never on which
+// thread computes it or at which address: the determinism tests rely on it.
+//
+// The pack routines copy K and V tiles into the layouts the blocks read (K^T for the score
+// products, V contiguous for P V), converting each element with widen<S>(): the storage type
+// may be narrower than the compute type S (bf16 / f16 caches).
+
+#include "relbias/detail/eigen.hpp"
+#include "relbias/offset.hpp"
+
+#include <algorithm>
+
+namespace relbias::detail {
+
+template <class S>
+using packet_of = typename Eigen::internal::packet_traits<S>::type;
+
+template <class S>
+inline constexpr index_t lanes_of = Eigen::internal::packet_traits<S>::size;
+
+/// Block height in rows of C: half the vector registers hold accumulators (MR x 2 packets).
+inline constexpr int block_rows = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 8 : 4;
+
+/// A (rows, depth) operand: element (i, k) at data[i * row_stride + k * depth_stride].
+template <class S>
+struct strided_operand {
+  const S* data;
+  index_t row_stride, depth_stride;
+
+  const S* at(index_t i, index_t k) const noexcept { return data + i * row_stride + k * depth_stride; }
+};
+
+/// A row-major (rows, cols) matrix with leading dimension ld (B and C).
+template <class T>
+struct row_block {
+  T* data;
+  index_t ld;
+
+  T* at(index_t i, index_t j) const noexcept { return data + i * ld + j; }
+};
+
+/// The MR x NP-packet block of C at (i, j): the hot loop.
+template <int MR, int NP, class S>
+inline void product_block(strided_operand<S> a, row_block<const S> b, index_t depth, row_block<S> c, index_t i, index_t j,
+                          S alpha, bool accumulate) {
+  namespace ei = Eigen::internal;
+  using packet = packet_of<S>;
+  constexpr index_t lanes = lanes_of<S>;
+  packet acc[MR][NP];
+  for (int r = 0; r < MR; ++r)
+    for (int p = 0; p < NP; ++p) acc[r][p] = ei::pset1<packet>(S(0));
+  const S* a_row = a.at(i, 0);
+  const S* b_row = b.at(0, j);
+  for (index_t k = 0; k < depth; ++k, a_row += a.depth_stride, b_row += b.ld) {
+    packet b_k[NP];
+    for (int p = 0; p < NP; ++p) b_k[p] = ei::ploadu<packet>(b_row + p * lanes);
+    for (int r = 0; r < MR; ++r) {
+      const packet a_rk = ei::pset1<packet>(a_row[r * a.row_stride]);
+      for (int p = 0; p < NP; ++p) acc[r][p] = ei::pmadd(a_rk, b_k[p], acc[r][p]);
+    }
+  }
+  const packet alpha_p = ei::pset1<packet>(alpha);
+  for (int r = 0; r < MR; ++r)
+    for (int p = 0; p < NP; ++p) {
+      S* out = c.at(i + r, j + p * lanes);
+      ei::pstoreu(out, accumulate ? ei::pmadd(alpha_p, acc[r][p], ei::ploadu<packet>(out)) : ei::pmul(alpha_p, acc[r][p]));
+    }
+}
+
+/// Columns [j, n) of rows [i, i + MR): blocks of two packets, then one, then scalar columns.
+template <int MR, class S>
+inline void product_rows(strided_operand<S> a, row_block<const S> b, index_t depth, row_block<S> c, index_t i, index_t n,
+                         S alpha, bool accumulate) {
+  constexpr index_t lanes = lanes_of<S>;
+  index_t j = 0;
+  for (; j + 2 * lanes <= n; j += 2 * lanes) product_block<MR, 2>(a, b, depth, c, i, j, alpha, accumulate);
+  for (; j + lanes <= n; j += lanes) product_block<MR, 1>(a, b, depth, c, i, j, alpha, accumulate);
+  for (; j < n; ++j)  // fewer columns than a packet (small head dimensions)
+    for (int r = 0; r < MR; ++r) {
+      S sum(0);
+      for (index_t k = 0; k < depth; ++k) sum += *a.at(i + r, k) * *b.at(k, j);
+      S* out = c.at(i + r, j);
+      *out = accumulate ? *out + alpha * sum : alpha * sum;
+    }
+}
+
+/// C (m, n) = alpha A (m, depth) B (depth, n), plus C when accumulate.
+template <class S>
+void block_product(index_t m, index_t n, index_t depth, strided_operand<S> a, row_block<const S> b, row_block<S> c, S alpha,
+                   bool accumulate) {
+  index_t i = 0;
+  for (; i + block_rows <= m; i += block_rows) product_rows<block_rows>(a, b, depth, c, i, n, alpha, accumulate);
+  for (; i < m; ++i) product_rows<1>(a, b, depth, c, i, n, alpha, accumulate);
+}
+
+/// The compute type's value of a stored element (float and double: the element itself).
+template <class S, class T>
+inline S widen(const T& x) noexcept {
+  return static_cast<S>(x);
+}
+
+/// out (dim, count) row-major with leading dimension ld = rows [0, count) of `rows` (count, dim)
+/// transposed: the B operand of a score product (Q K^T reads K^T). Blocks of 16 keys keep the
+/// writes to whole cache lines.
+template <class S, class T>
+void pack_transposed(const T* rows, index_t row_stride, index_t count, index_t dim, S* out, index_t ld) {
+  constexpr index_t keys = 16;
+  for (index_t c0 = 0; c0 < count; c0 += keys) {
+    const index_t n = std::min(keys, count - c0);
+    for (index_t d = 0; d < dim; ++d)
+      for (index_t c = 0; c < n; ++c) out[d * ld + c0 + c] = widen<S>(rows[(c0 + c) * row_stride + d]);
+  }
+}
+
+/// out (count, dim) contiguous = rows [0, count) of `rows` (count, dim): the B operand of P V.
+template <class S, class T>
+void pack_rows(const T* rows, index_t row_stride, index_t count, index_t dim, S* out) {
+  for (index_t c = 0; c < count; ++c)
+    for (index_t d = 0; d < dim; ++d) out[c * dim + d] = widen<S>(rows[c * row_stride + d]);
+}
+
+/// Rounds n up to a whole number of 64-byte lines of S (leading dimensions of packed tiles).
+template <class S>
+constexpr index_t padded_to_line(index_t n) {
+  constexpr index_t per_line = index_t(64 / sizeof(S));
+  return (n + per_line - 1) / per_line * per_line;
+}
+
+}  // namespace relbias::detail
