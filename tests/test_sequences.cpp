@@ -122,7 +122,7 @@ result<S> empty_result(const Bias& bias, const problem<S>& p) {
 }
 
 /// Fused forward and backward with the given tiles through the kernels' own entry (the public
-/// functions fix the tiles at 64 x 256; these test many tiles on small inputs).
+/// functions fix their own tiles, 256 x 256 in the forward; these test many tiles on small inputs).
 template <class Bias, class S = typename Bias::scalar_type>
 result<S> run_fused(const Bias& bias, const problem<S>& p, const attention_options<S>& options) {
   const auto q = p.q.view(), k = p.k.view(), v = p.v.view();
@@ -302,7 +302,7 @@ TEMPLATE_TEST_CASE("sequences: one call over a batch equals each sequence alone,
 TEMPLATE_TEST_CASE("sequences: sliding windows through the public entry points, default tiles, two threads", "[sequences]",
                    float, double) {
   using S = TestType;
-  // 700 queries against 900 keys: many 64 x 256 tiles, most of them outside a window of 100.
+  // 700 queries against 900 keys: several default tiles, most of them outside a window of 100.
   const index_t lq = 700, lk = 900;
   const auto q = random_tensor<S>(2, lq, heads, dim, 31), k = random_tensor<S>(2, lk, kv_heads, dim, 32),
              v = random_tensor<S>(2, lk, kv_heads, dim_v, 33), d_out = random_tensor<S>(2, lq, heads, dim_v, 34);
