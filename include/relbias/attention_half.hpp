@@ -172,7 +172,7 @@ void half_fused_forward(half_forward_problem<Q, KV> pb, const batch_layout& layo
     if (!pb.lse.empty())
       for (index_t h = 0; h < pb.q.heads; ++h) pb.lse[std::size_t(pb.lse_index(b, h, r))] = -std::numeric_limits<float>::infinity();
   });
-  // A group's query heads share one read of K and V: up to 64 rows per item, like the float tile.
+  // A group's query heads share one read of K and V: up to tiles.rows rows per item, like the float tile.
   pb.block_rows = std::max<index_t>(1, pb.tiles.rows / pb.group);
   const std::vector<query_tile> tiles = query_tiles(layout, pb.block_rows);  // most keys first
   pb.heads_per_item = index_t(tiles.size()) * pb.k.heads >= threads ? pb.group : 1;
