@@ -92,7 +92,8 @@ struct hiding_bias {
   std::uint64_t pattern;
   index_t num_heads() const { return heads; }
   S operator()(index_t h, index_t i, index_t j) const {
-    const std::uint64_t cell = std::uint64_t(i * 7 + j * 13 + h) ^ pattern;
+    // Unsigned: positions reach 2^62, where i * 7 overflows a signed index.
+    const std::uint64_t cell = (std::uint64_t(i) * 7 + std::uint64_t(j) * 13 + std::uint64_t(h)) ^ pattern;
     if ((pattern & 3) == 0 && (j % 300) < 260) return -std::numeric_limits<S>::infinity();  // whole key tiles
     if (cell % 5 == 0) return -std::numeric_limits<S>::infinity();
     return S(0.5) * S(int(cell % 17) - 8) / S(8);
