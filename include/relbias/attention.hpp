@@ -195,8 +195,10 @@ void forward_query_tile(const forward_problem<S>& pb, const Plan& plan, const of
 }
 
 /// Rows of q outside every sequence (padding) get the result of a row that sees no key.
-template <class S>
-void clear_rows_outside(const forward_problem<S>& pb, const batch_layout& layout) {
+/// Problem: a forward problem (o, lse, lse_index, q), of any storage (attention_half.hpp too).
+template <class Problem>
+void clear_rows_outside(const Problem& pb, const batch_layout& layout) {
+  using S = typename decltype(pb.lse)::value_type;
   for_each_row_outside(layout, pb.q.batch, pb.q.seq, true, [&](index_t b, index_t r) {
     zero_row(pb.o, b, r);
     if (!pb.lse.empty())

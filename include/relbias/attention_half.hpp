@@ -167,11 +167,7 @@ void half_forward_item(const half_forward_problem<Q, KV>& pb, const Plan& plan, 
 
 template <class Q, class KV, class Plan>
 void half_fused_forward(half_forward_problem<Q, KV> pb, const batch_layout& layout, const Plan& plan, int threads) {
-  for_each_row_outside(layout, pb.q.batch, pb.q.seq, true, [&](index_t b, index_t r) {
-    zero_row(pb.o, b, r);
-    if (!pb.lse.empty())
-      for (index_t h = 0; h < pb.q.heads; ++h) pb.lse[std::size_t(pb.lse_index(b, h, r))] = -std::numeric_limits<float>::infinity();
-  });
+  clear_rows_outside(pb, layout);
   // A group's query heads share one read of K and V: up to tiles.rows rows per item, like the float tile.
   pb.block_rows = std::max<index_t>(1, pb.tiles.rows / pb.group);
   const std::vector<query_tile> tiles = query_tiles(layout, pb.block_rows);  // most keys first
