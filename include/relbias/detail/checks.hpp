@@ -263,7 +263,10 @@ inline bool overlaps_itself(const memory_block& m) {
       if (m.stride[a] == 0) return true;
       axes[count++] = {m.stride[a] < 0 ? -m.stride[a] : m.stride[a], m.extent[a]};
     }
-  std::sort(axes.begin(), axes.begin() + std::ptrdiff_t(count));
+  // Insertion sort of at most three axes: std::sort here trips GCC 12's -Warray-bounds at -O2
+  // (its unrolled insertion step for 16 elements), a false positive in users' -Werror builds.
+  for (std::size_t a = 1; a < count; ++a)
+    for (std::size_t b = a; b > 0 && axes[b] < axes[b - 1]; --b) std::swap(axes[b], axes[b - 1]);
   index_t span = m.row_bytes;
   bool nested = true;
   for (std::size_t a = 0; a < count && nested; ++a) {
