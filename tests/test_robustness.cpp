@@ -75,9 +75,9 @@ template <class S>
 struct poisoned_bias {
   using scalar_type = S;
   index_t heads, i0, j0;
-  S value;
+  S value, background = S(0);
   index_t num_heads() const { return heads; }
-  S operator()(index_t, index_t i, index_t j) const { return i == i0 && j == j0 ? value : S(0); }
+  S operator()(index_t, index_t i, index_t j) const { return i == i0 && j == j0 ? value : background; }
 };
 
 // A user policy that throws at one cell, as user code may.
@@ -232,6 +232,24 @@ TEMPLATE_TEST_CASE("robustness 2: NaN in q, k, v or the bias reaches O, lse and 
         if (lq > 1) CHECK(row_is_finite(r.fused.out, 0, 0, 0));
       }
     }
+}
+
+// The fused kernel's tile maximum may drop a NaN (it finds it through the sum of exponentials);
+// a tile whose only other scores are -inf has no sum to find it in.
+TEMPLATE_TEST_CASE("robustness 2: a NaN among -inf scores, before any finite score, makes its row NaN", "[robustness]", float,
+                   double) {
+  using S = TestType;
+  for (const index_t j0 : {0, 5, 255, 256, 300, 512}) {
+    INFO("NaN at key " << j0);
+    const inputs<S> in(1, 3, 513, 1, 1, 4, 11);
+    const auto r = in.run(poisoned_bias<S>{1, 1, j0, std::numeric_limits<S>::quiet_NaN(), -inf<S>}, {.num_threads = 2}, false);
+    CHECK(row_is_nan(r.fused.out, 0, 1, 0));
+    CHECK(std::isnan(r.fused.lse[1]));
+    for (const index_t row : {0, 2}) {  // every score -inf: no visible key
+      CHECK(r.fused.lse[std::size_t(row)] == -inf<S>);
+      CHECK(r.fused.out.view().row(0, row, 0)[0] == S(0));
+    }
+  }
 }
 
 TEMPLATE_TEST_CASE("robustness 2: +inf scores from overflowing products give NaN, not a vanished key", "[robustness]", float,

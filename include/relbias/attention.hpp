@@ -36,11 +36,20 @@ namespace detail {
 /// Tile sizes. A query tile's K and V tiles are packed once (K^T and V: 64 KiB each at D = 64)
 /// and stay in L2 while the tile's query rows go past them a strip at a time; a strip's scores
 /// (block_rows x Bc: 8 KiB) stay in L1 from the product through the bias, the max and the exp.
-/// 256 query rows share each packing: at 64, packing cost a quarter of the tile's products.
+/// Every query row of a tile shares one packing of each key tile: at 256 rows and D = 64 packing
+/// still costs about a tenth of the products (tall_tiles halves that when the work allows).
 struct tile_shape {
   index_t rows = 256;  // Br: queries per tile
   index_t cols = 256;  // Bc: keys per tile
 };
+
+/// 512-row query tiles when they still give every thread at least four work items (the dynamic
+/// schedule balances causal tiles with several per thread), else 256.
+inline tile_shape forward_tiles(const batch_layout& layout, index_t heads, int threads) {
+  constexpr tile_shape tall{.rows = 512, .cols = 256};
+  const bool enough_items = index_t(query_tiles(layout, tall.rows).size()) * heads >= 4 * index_t(threads);
+  return enough_items ? tall : tile_shape{};
+}
 
 /// Everything one forward call shares across work items.
 template <class S>
@@ -66,30 +75,66 @@ struct forward_scratch {
   Eigen::Array<S, Eigen::Dynamic, 1> row_max, row_sum;  // (Br)
 };
 
+/// The largest of x[0, n) (-inf for n = 0) in one packet pass. A NaN may be dropped: callers see
+/// it through the sum of exponentials instead (online_softmax_row).
+template <class S>
+S max_dropping_nan(const S* x, index_t n) {
+  namespace ei = Eigen::internal;
+  constexpr index_t lanes = lanes_of<S>;
+  S result = -std::numeric_limits<S>::infinity();
+  index_t j = 0;
+  if (n >= lanes) {
+    auto acc = ei::ploadu<packet_of<S>>(x);
+    for (j = lanes; j + lanes <= n; j += lanes) acc = ei::pmax(acc, ei::ploadu<packet_of<S>>(x + j));
+    result = ei::predux_max(acc);
+  }
+  for (; j < n; ++j) result = std::max(result, x[j]);
+  return result;
+}
+
+/// x = exp(x - shift) over x[0, n), in place (Eigen's vectorised exp); returns the sum.
+template <class S>
+S exp_shifted_sum(S* x, index_t n, S shift) {
+  namespace ei = Eigen::internal;
+  constexpr index_t lanes = lanes_of<S>;
+  const auto shift_p = ei::pset1<packet_of<S>>(shift);
+  auto sum_p = ei::pset1<packet_of<S>>(S(0));
+  index_t j = 0;
+  for (; j + lanes <= n; j += lanes) {
+    const auto p = ei::pexp(ei::psub(ei::ploadu<packet_of<S>>(x + j), shift_p));
+    ei::pstoreu(x + j, p);
+    sum_p = ei::padd(sum_p, p);
+  }
+  S sum = ei::predux(sum_p);
+  for (; j < n; ++j) sum += x[j] = std::exp(x[j] - shift);
+  return sum;
+}
+
 /// One step of the online softmax for one row: folds the first `visible` of n new scores into
 /// (max, sum), rescales the accumulator row, and leaves exp(score - max) in place for the P V
 /// product, with exact zeros for the hidden keys (Eigen's exp of a very negative double is a
-/// subnormal, not 0, so hidden keys never go through it).
+/// subnormal, not 0, so hidden keys never go through it). Two passes: the max, then exp and sum.
 ///   -inf scores (a bias that hides keys, or a product that overflows) weigh exactly 0; while the
 ///   row has no finite score yet the whole tile is 0, never exp(-inf - -inf) = NaN.
-///   A NaN score, or +inf (softmax has no finite weights then; PyTorch gives NaN too), makes
-///   row_max NaN, which every later step keeps: the row's O and lse come out NaN.
+///   A NaN score, or +inf (softmax has no finite weights then; PyTorch gives NaN too), makes the
+///   row's sum (and, when no score is finite, its max) NaN, which every later step keeps: the
+///   row's O and lse come out NaN.
 template <class S, class AccumulatorRow>
 void online_softmax_row(S* row, index_t visible, index_t n, S& row_max, S& row_sum, AccumulatorRow&& accumulator_row) {
+  constexpr S inf = std::numeric_limits<S>::infinity();
   std::fill(row + visible, row + n, S(0));
-  Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> scores(row, visible);
-  S tile_max = visible > 0 ? scores.template maxCoeff<Eigen::PropagateNaN>() : -std::numeric_limits<S>::infinity();
-  if (tile_max == std::numeric_limits<S>::infinity()) tile_max = std::numeric_limits<S>::quiet_NaN();
-  const S new_max = std::isnan(row_max) || std::isnan(tile_max) ? std::numeric_limits<S>::quiet_NaN()
-                                                                 : std::max(row_max, tile_max);
-  if (new_max == -std::numeric_limits<S>::infinity()) {  // no finite score yet: P = 0
-    std::fill(row, row + visible, S(0));
-    return;
+  const S tile_max = max_dropping_nan(row, visible);
+  S new_max = std::isnan(row_max) || tile_max == inf ? std::numeric_limits<S>::quiet_NaN() : std::max(row_max, tile_max);
+  if (new_max == -inf) {  // no finite score yet: P = 0, unless the max dropped a NaN
+    if (std::none_of(row, row + visible, [](S x) { return std::isnan(x); })) {
+      std::fill(row, row + visible, S(0));
+      return;
+    }
+    new_max = std::numeric_limits<S>::quiet_NaN();
   }
-  scores = (scores - new_max).exp();
-  const S rescale = row_max == -std::numeric_limits<S>::infinity() ? S(0) : std::exp(row_max - new_max);
+  const S rescale = row_max == -inf ? S(0) : std::exp(row_max - new_max);
   if (rescale != S(1)) accumulator_row *= rescale;  // NaN rescale: the accumulator turns NaN too
-  row_sum = row_sum * rescale + scores.sum();
+  row_sum = row_sum * rescale + exp_shifted_sum(row, visible, new_max);
   row_max = new_max;
 }
 
@@ -163,6 +208,16 @@ void forward_strip(const forward_problem<S>& pb, const Plan& plan, const offset_
   strip_values(pb, seq, h, c0, columns, r0, n, packed, s);
 }
 
+/// Prefetches key and value rows [first, min(first + count, end)) of the next key tile.
+template <class S>
+void prefetch_key_rows(const forward_problem<S>& pb, const sequence& seq, index_t kv_head, index_t first, index_t end,
+                       index_t count) {
+  count = std::min(count, end - first);
+  if (count <= 0) return;
+  prefetch_rows(pb.k.row(seq.batch, seq.k_begin + first, kv_head), pb.k.seq_stride, count, pb.k.dim);
+  prefetch_rows(pb.v.row(seq.batch, seq.k_begin + first, kv_head), pb.v.seq_stride, count, pb.v.dim);
+}
+
 /// Packing K and V costs about a twentieth of a 256-row tile's products, but more than the
 /// products themselves for the one row of a decoding step: tiles of fewer rows than a block read
 /// K and V unpacked.
@@ -183,8 +238,16 @@ void forward_query_tile(const forward_problem<S>& pb, const Plan& plan, const of
       pack_transposed(pb.k.row(b, seq.k_begin + c0, kv_head), pb.k.seq_stride, bc, dim, s.keys.data(), s.keys.cols());
       pack_rows(pb.v.row(b, seq.k_begin + c0, kv_head), pb.v.seq_stride, bc, dim_v, s.values.data());
     }
-    for (index_t r0 = 0; r0 < br; r0 += block_rows)
+    const index_t next = c0 + pb.tiles.cols, next_bc = packed && next < tile.keys.end ? std::min(pb.tiles.cols, tile.keys.end - next) : 0;
+    // The next tile's rows are fetched during the last strips only: fetched earlier, rows a power
+    // of two apart (2 KiB at 8 heads of 64) compete for the same cache sets and are evicted again.
+    const index_t strips = (br + block_rows - 1) / block_rows, fetching = std::min<index_t>(strips, 8);
+    const index_t share = (next_bc + fetching - 1) / fetching;
+    for (index_t r0 = 0, strip = 0; r0 < br; r0 += block_rows, ++strip) {
+      if (strip >= strips - fetching)
+        prefetch_key_rows(pb, seq, kv_head, next + (strip - strips + fetching) * share, next + next_bc, share);
       forward_strip(pb, plan, band, seq, tile, h, c0, bc, r0, std::min<index_t>(block_rows, br - r0), packed, s);
+    }
   }
 
   auto out = pb.o.rows(b, h, first_row, br);  // (Br, Dv)
@@ -252,9 +315,11 @@ void attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v, const Bi
   detail::check_no_aliasing(where, {detail::block_of("o", o), detail::block_of("lse", lse)},
                             {detail::block_of("q", q), detail::block_of("k", k), detail::block_of("v", v), detail::parameter_block(bias)});
 
-  const detail::forward_problem<S> pb{q, k, v, o, lse, options, options.scale_for(q.dim), q.heads / k.heads, {}};
   const detail::batch_layout layout = detail::make_layout(options, q.batch, q.seq, k.seq);
-  const auto plan = detail::make_bias_plan(bias, detail::visited_window(layout), detail::thread_count(options.num_threads));
+  const int threads = detail::thread_count(options.num_threads);
+  const detail::forward_problem<S> pb{q, k, v, o, lse, options, options.scale_for(q.dim), q.heads / k.heads,
+                                      detail::forward_tiles(layout, q.heads, threads)};
+  const auto plan = detail::make_bias_plan(bias, detail::visited_window(layout), threads);
   detail::fused_forward(pb, layout, plan);
 }
 

@@ -96,9 +96,11 @@ TEST_CASE("block_product: NaN and infinity in an operand reach exactly the outpu
     }
 }
 
-TEST_CASE("pack_transposed and pack_rows copy a strided tile into the micro-kernel's layouts", "[microkernel]") {
-  const index_t count = 19, dim = 5, stride = 11, ld = 32;
-  const auto rows = random_values<double>(count * stride, 6);
+/// pack_transposed and pack_rows of a (count, dim) tile stored as Source, checked element by element.
+template <class Source>
+void check_packing(index_t count, index_t dim, index_t stride, index_t ld) {
+  const auto values = random_values<double>(count * stride, 6);
+  const std::vector<Source> rows(values.begin(), values.end());
   std::vector<float> transposed(std::size_t(dim * ld), -7.0f), packed(std::size_t(count * dim));
   detail::pack_transposed(rows.data(), stride, count, dim, transposed.data(), ld);
   detail::pack_rows(rows.data(), stride, count, dim, packed.data());
@@ -108,7 +110,14 @@ TEST_CASE("pack_transposed and pack_rows copy a strided tile into the micro-kern
       CHECK(transposed[std::size_t(d * ld + c)] == expected);
       CHECK(packed[std::size_t(c * dim + d)] == expected);
     }
-  CHECK(transposed[std::size_t(ld - 1)] == -7.0f);  // columns past count untouched
+  for (index_t d = 0; d < dim; ++d) CHECK(transposed[std::size_t(d * ld + ld - 1)] == -7.0f);  // columns past count untouched
+}
+
+TEST_CASE("pack_transposed and pack_rows copy a strided tile into the micro-kernel's layouts", "[microkernel]") {
+  check_packing<double>(19, 5, 11, 32);  // narrowed element by element
+  // float: whole register-transposed blocks, then dims and keys past the last block (AVX-512: 16)
+  for (const index_t count : {3, 16, 37})
+    for (const index_t dim : {5, 16, 35}) check_packing<float>(count, dim, dim + 6, 48);
   CHECK(detail::padded_to_line<float>(17) == 32);
   CHECK(detail::padded_to_line<double>(8) == 8);
 }

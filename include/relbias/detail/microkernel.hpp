@@ -22,6 +22,7 @@
 #include "relbias/offset.hpp"
 
 #include <algorithm>
+#include <type_traits>
 
 namespace relbias::detail {
 
@@ -112,17 +113,41 @@ inline S widen(const T& x) noexcept {
   return static_cast<S>(x);
 }
 
+/// One lanes x lanes block transposed in registers (Eigen's ptranspose): `lanes` rows of `rows`
+/// (a packet of dims each) become `lanes` rows of out (a packet of keys each).
+// GCC warns that a vector type's attributes are ignored as a template argument of PacketBlock
+// (harmless: Eigen's own kernels instantiate the same block; its headers are system headers).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#endif
+template <class S>
+inline void transpose_block(const S* rows, index_t row_stride, S* out, index_t ld) {
+  namespace ei = Eigen::internal;
+  using packet = packet_of<S>;
+  constexpr int lanes = int(lanes_of<S>);
+  ei::PacketBlock<packet, lanes> block;
+  for (int c = 0; c < lanes; ++c) block.packet[c] = ei::ploadu<packet>(rows + c * row_stride);
+  ei::ptranspose(block);
+  for (int d = 0; d < lanes; ++d) ei::pstoreu(out + d * ld, block.packet[d]);
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
 /// out (dim, count) row-major with leading dimension ld = rows [0, count) of `rows` (count, dim)
-/// transposed: the B operand of a score product (Q K^T reads K^T). Blocks of 16 keys keep the
-/// writes to whole cache lines.
+/// transposed: the B operand of a score product (Q K^T reads K^T). Same-type tiles go through
+/// register transposes of lanes x lanes blocks (scalar copies cost a tenth of the forward's time
+/// at d = 64); the edges, and storage narrower than S, element by element.
 template <class S, class T>
 void pack_transposed(const T* rows, index_t row_stride, index_t count, index_t dim, S* out, index_t ld) {
-  constexpr index_t keys = 16;
-  for (index_t c0 = 0; c0 < count; c0 += keys) {
-    const index_t n = std::min(keys, count - c0);
-    for (index_t d = 0; d < dim; ++d)
-      for (index_t c = 0; c < n; ++c) out[d * ld + c0 + c] = widen<S>(rows[(c0 + c) * row_stride + d]);
-  }
+  constexpr index_t lanes = std::is_same_v<S, T> ? lanes_of<S> : 1;
+  const index_t full_count = lanes > 1 ? count / lanes * lanes : 0, full_dim = lanes > 1 ? dim / lanes * lanes : 0;
+  if constexpr (lanes > 1)
+    for (index_t c0 = 0; c0 < full_count; c0 += lanes)
+      for (index_t d0 = 0; d0 < full_dim; d0 += lanes) transpose_block(rows + c0 * row_stride + d0, row_stride, out + d0 * ld + c0, ld);
+  for (index_t d = 0; d < dim; ++d)  // what the blocks left: dims past full_dim for every key, keys past full_count
+    for (index_t c = d < full_dim ? full_count : 0; c < count; ++c) out[d * ld + c] = widen<S>(rows[c * row_stride + d]);
 }
 
 /// out (count, dim) contiguous = rows [0, count) of `rows` (count, dim): the B operand of P V.
@@ -130,6 +155,15 @@ template <class S, class T>
 void pack_rows(const T* rows, index_t row_stride, index_t count, index_t dim, S* out) {
   for (index_t c = 0; c < count; ++c)
     for (index_t d = 0; d < dim; ++d) out[c * dim + d] = widen<S>(rows[c * row_stride + d]);
+}
+
+/// Asks the caches for rows [0, count) of a (count, dim) operand, one request per 64-byte line:
+/// the next key tile, fetched while the current one computes (packing it otherwise waits on memory).
+template <class T>
+void prefetch_rows(const T* rows, index_t row_stride, index_t count, index_t dim) {
+  constexpr index_t per_line = index_t(64 / sizeof(T));
+  for (index_t c = 0; c < count; ++c)
+    for (index_t d = 0; d < dim; d += per_line) Eigen::internal::prefetch(rows + c * row_stride + d);
 }
 
 /// Rounds n up to a whole number of 64-byte lines of S (leading dimensions of packed tiles).
