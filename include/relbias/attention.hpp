@@ -37,7 +37,7 @@ namespace detail {
 /// and stay in L2 while the tile's query rows go past them a strip at a time; a strip's scores
 /// (block_rows x Bc: 8 KiB) stay in L1 from the product through the bias, the max and the exp.
 /// Every query row of a tile shares one packing of each key tile: at 256 rows and D = 64 packing
-/// still costs about a tenth of the products (tall_tiles halves that when the work allows).
+/// still costs about a tenth of the products (forward_tiles takes 512 rows when the work allows).
 struct tile_shape {
   index_t rows = 256;  // Br: queries per tile
   index_t cols = 256;  // Bc: keys per tile
@@ -75,20 +75,25 @@ struct forward_scratch {
   Eigen::Array<S, Eigen::Dynamic, 1> row_max, row_sum;  // (Br)
 };
 
-/// The largest of x[0, n) (-inf for n = 0) in one packet pass. A NaN may be dropped: callers see
-/// it through the sum of exponentials instead (online_softmax_row).
+/// Adds bias[0, n) to x[0, n) (unless bias is null) and returns the largest x (-inf for n = 0),
+/// in one packet pass. A NaN may be dropped: callers see it through the sum of exponentials
+/// instead (online_softmax_row).
 template <class S>
-S max_dropping_nan(const S* x, index_t n) {
+S add_bias_and_max(S* x, const S* bias, index_t n) {
   namespace ei = Eigen::internal;
   constexpr index_t lanes = lanes_of<S>;
-  S result = -std::numeric_limits<S>::infinity();
+  auto max_p = ei::pset1<packet_of<S>>(-std::numeric_limits<S>::infinity());
   index_t j = 0;
-  if (n >= lanes) {
-    auto acc = ei::ploadu<packet_of<S>>(x);
-    for (j = lanes; j + lanes <= n; j += lanes) acc = ei::pmax(acc, ei::ploadu<packet_of<S>>(x + j));
-    result = ei::predux_max(acc);
+  for (; j + lanes <= n; j += lanes) {
+    auto scores = ei::ploadu<packet_of<S>>(x + j);
+    if (bias) {
+      scores = ei::padd(scores, ei::ploadu<packet_of<S>>(bias + j));
+      ei::pstoreu(x + j, scores);
+    }
+    max_p = ei::pmax(max_p, scores);
   }
-  for (; j < n; ++j) result = std::max(result, x[j]);
+  S result = ei::predux_max(max_p);
+  for (; j < n; ++j) result = std::max(result, bias ? x[j] += bias[j] : x[j]);
   return result;
 }
 
@@ -113,17 +118,20 @@ S exp_shifted_sum(S* x, index_t n, S shift) {
 /// One step of the online softmax for one row: folds the first `visible` of n new scores into
 /// (max, sum), rescales the accumulator row, and leaves exp(score - max) in place for the P V
 /// product, with exact zeros for the hidden keys (Eigen's exp of a very negative double is a
-/// subnormal, not 0, so hidden keys never go through it). Two passes: the max, then exp and sum.
+/// subnormal, not 0, so hidden keys never go through it). bias, if not null, holds the row's
+/// bias over the visible keys (a table plan's slice), added in the pass that finds the maximum;
+/// a second pass takes the exponentials and their sum.
 ///   -inf scores (a bias that hides keys, or a product that overflows) weigh exactly 0; while the
 ///   row has no finite score yet the whole tile is 0, never exp(-inf - -inf) = NaN.
 ///   A NaN score, or +inf (softmax has no finite weights then; PyTorch gives NaN too), makes the
 ///   row's sum (and, when no score is finite, its max) NaN, which every later step keeps: the
 ///   row's O and lse come out NaN.
 template <class S, class AccumulatorRow>
-void online_softmax_row(S* row, index_t visible, index_t n, S& row_max, S& row_sum, AccumulatorRow&& accumulator_row) {
+void online_softmax_row(S* row, index_t visible, index_t n, S& row_max, S& row_sum, AccumulatorRow&& accumulator_row,
+                        const S* bias = nullptr) {
   constexpr S inf = std::numeric_limits<S>::infinity();
   std::fill(row + visible, row + n, S(0));
-  const S tile_max = max_dropping_nan(row, visible);
+  const S tile_max = add_bias_and_max(row, bias, visible);
   S new_max = std::isnan(row_max) || tile_max == inf ? std::numeric_limits<S>::quiet_NaN() : std::max(row_max, tile_max);
   if (new_max == -inf) {  // no finite score yet: P = 0, unless the max dropped a NaN
     if (std::none_of(row, row + visible, [](S x) { return std::isnan(x); })) {
@@ -201,9 +209,10 @@ void forward_strip(const forward_problem<S>& pb, const Plan& plan, const offset_
     S* row = s.scores.data() + r * ld;
     std::fill(row + columns.begin, row + visible.begin, S(0));
     // A row that sees no key of this tile reads no bias: its offsets may lie outside the plan's window.
-    if (!visible.empty()) plan.add_row(h, first_i + r, j0 + visible.begin, visible.size(), row + visible.begin);
+    const S* bias = visible.empty() ? nullptr : plan_row<S>(plan, h, first_i + r, j0 + visible.begin);
+    if (!visible.empty() && !bias) plan.add_row(h, first_i + r, j0 + visible.begin, visible.size(), row + visible.begin);
     online_softmax_row(row + visible.begin, visible.size(), columns.end - visible.begin, s.row_max[r0 + r], s.row_sum[r0 + r],
-                       s.accumulator.row(r0 + r));
+                       s.accumulator.row(r0 + r), bias);
   }
   strip_values(pb, seq, h, c0, columns, r0, n, packed, s);
 }

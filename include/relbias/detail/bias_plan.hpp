@@ -11,6 +11,9 @@
 //                              fill a head's table in one call: fill_offsets(h, max_offset, out)
 //                              with out[t] = at_offset(h, max_offset - t) (KERPLE does)
 //   anything else           -> bias(h, i, j) per element
+// A plan whose rows are slices of a table also answers plan.row_values(h, i, j0): the row's
+// bias from key j0 on, contiguous, or null where it computes the values (add_row then); the
+// forward adds such slices in the pass that finds the row's maximum (plan_row).
 
 #include "relbias/bias/none.hpp"
 #include "relbias/concepts.hpp"
@@ -101,10 +104,8 @@ class offset_table_plan {
     });
   }
 
-  void add_row(index_t h, index_t i, index_t j0, index_t n, scalar_type* row) const {
-    const scalar_type* values = table_.row(h, i, j0);
-    add_values(values, n, row);
-  }
+  void add_row(index_t h, index_t i, index_t j0, index_t n, scalar_type* row) const { add_values(table_.row(h, i, j0), n, row); }
+  const scalar_type* row_values(index_t h, index_t i, index_t j0) const { return table_.row(h, i, j0); }
 
  private:
   offset_table<scalar_type> table_;
@@ -115,6 +116,13 @@ template <class Scalar>
 struct empty_plan {
   void add_row(index_t, index_t, index_t, index_t, Scalar*) const noexcept {}
 };
+
+/// The bias of row i from key j0 on as a contiguous slice, or null: the plan adds it (add_row).
+template <class S, class Plan>
+const S* plan_row(const Plan& plan, index_t h, index_t i, index_t j0) {
+  if constexpr (requires { plan.row_values(h, i, j0); }) return plan.row_values(h, i, j0);
+  else return nullptr;
+}
 
 /// threads: the call's thread count (thread_count()), for plans that are worth building in parallel.
 template <bias_policy Bias>
