@@ -113,14 +113,14 @@ inline S widen(const T& x) noexcept {
   return static_cast<S>(x);
 }
 
-/// One lanes x lanes block transposed in registers (Eigen's ptranspose): `lanes` rows of `rows`
-/// (a packet of dims each) become `lanes` rows of out (a packet of keys each).
 // GCC warns that a vector type's attributes are ignored as a template argument of PacketBlock
 // (harmless: Eigen's own kernels instantiate the same block; its headers are system headers).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wignored-attributes"
 #endif
+/// One lanes x lanes block transposed in registers (Eigen's ptranspose): `lanes` rows of `rows`
+/// (a packet of dims each) become `lanes` rows of out (a packet of keys each).
 template <class S>
 inline void transpose_block(const S* rows, index_t row_stride, S* out, index_t ld) {
   namespace ei = Eigen::internal;
