@@ -122,7 +122,7 @@ result<S> empty_result(const Bias& bias, const problem<S>& p) {
 }
 
 /// Fused forward and backward with the given tiles through the kernels' own entry (the public
-/// functions fix their own tiles, 256 x 256 in the forward; these test many tiles on small inputs).
+/// functions choose their own tiles: forward_tiles, backward_problem; these test many tiles on small inputs).
 template <class Bias, class S = typename Bias::scalar_type>
 result<S> run_fused(const Bias& bias, const problem<S>& p, const attention_options<S>& options) {
   const auto q = p.q.view(), k = p.k.view(), v = p.v.view();

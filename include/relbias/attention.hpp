@@ -47,8 +47,9 @@ struct tile_shape {
 /// schedule balances causal tiles with several per thread), else 256.
 inline tile_shape forward_tiles(const batch_layout& layout, index_t heads, int threads) {
   constexpr tile_shape tall{.rows = 512, .cols = 256};
-  const bool enough_items = index_t(query_tiles(layout, tall.rows).size()) * heads >= 4 * index_t(threads);
-  return enough_items ? tall : tile_shape{};
+  index_t tiles = 0;  // query_tiles(layout, tall.rows).size(), without building them
+  for (const sequence& s : layout.sequences) tiles += (s.q_length + tall.rows - 1) / tall.rows;
+  return tiles * heads >= 4 * index_t(threads) ? tall : tile_shape{};
 }
 
 /// Everything one forward call shares across work items.
@@ -209,22 +210,34 @@ void forward_strip(const forward_problem<S>& pb, const Plan& plan, const offset_
     S* row = s.scores.data() + r * ld;
     std::fill(row + columns.begin, row + visible.begin, S(0));
     // A row that sees no key of this tile reads no bias: its offsets may lie outside the plan's window.
-    const S* bias = visible.empty() ? nullptr : plan_row<S>(plan, h, first_i + r, j0 + visible.begin);
-    if (!visible.empty() && !bias) plan.add_row(h, first_i + r, j0 + visible.begin, visible.size(), row + visible.begin);
+    // A table plan's slice is added in the softmax's max pass; other plans add their bias here.
+    const S* bias = nullptr;
+    if (!visible.empty()) {
+      bias = plan_row<S>(plan, h, first_i + r, j0 + visible.begin);
+      if (!bias) plan.add_row(h, first_i + r, j0 + visible.begin, visible.size(), row + visible.begin);
+    }
     online_softmax_row(row + visible.begin, visible.size(), columns.end - visible.begin, s.row_max[r0 + r], s.row_sum[r0 + r],
                        s.accumulator.row(r0 + r), bias);
   }
   strip_values(pb, seq, h, c0, columns, r0, n, packed, s);
 }
 
-/// Prefetches key and value rows [first, min(first + count, end)) of the next key tile.
+/// During the last 8 strips over a key tile, each strip requests its share of the next key
+/// tile's K and V rows, shortly before they are packed (alternated runs at L = 4096: up to 1.1x
+/// faster than without, never slower). r0: the strip's first row in the query tile.
 template <class S>
-void prefetch_key_rows(const forward_problem<S>& pb, const sequence& seq, index_t kv_head, index_t first, index_t end,
-                       index_t count) {
-  count = std::min(count, end - first);
+void prefetch_next_key_tile(const forward_problem<S>& pb, const sequence& seq, const query_tile& tile, index_t kv_head,
+                            index_t c0, index_t r0) {
+  constexpr index_t fetching_strips = 8;
+  const index_t next = c0 + pb.tiles.cols, strips_left = (tile.rows - r0 + block_rows - 1) / block_rows;
+  if (next >= tile.keys.end || strips_left > fetching_strips) return;
+  const index_t next_bc = std::min(pb.tiles.cols, tile.keys.end - next);
+  const index_t fetching = std::min(fetching_strips, (tile.rows + block_rows - 1) / block_rows);
+  const index_t share = (next_bc + fetching - 1) / fetching, first = (fetching - strips_left) * share;
+  const index_t count = std::min(share, next_bc - first);
   if (count <= 0) return;
-  prefetch_rows(pb.k.row(seq.batch, seq.k_begin + first, kv_head), pb.k.seq_stride, count, pb.k.dim);
-  prefetch_rows(pb.v.row(seq.batch, seq.k_begin + first, kv_head), pb.v.seq_stride, count, pb.v.dim);
+  prefetch_rows(pb.k.row(seq.batch, seq.k_begin + next + first, kv_head), pb.k.seq_stride, count, pb.k.dim);
+  prefetch_rows(pb.v.row(seq.batch, seq.k_begin + next + first, kv_head), pb.v.seq_stride, count, pb.v.dim);
 }
 
 /// Packing K and V costs about a twentieth of a 256-row tile's products, but more than the
@@ -247,14 +260,8 @@ void forward_query_tile(const forward_problem<S>& pb, const Plan& plan, const of
       pack_transposed(pb.k.row(b, seq.k_begin + c0, kv_head), pb.k.seq_stride, bc, dim, s.keys.data(), s.keys.cols());
       pack_rows(pb.v.row(b, seq.k_begin + c0, kv_head), pb.v.seq_stride, bc, dim_v, s.values.data());
     }
-    const index_t next = c0 + pb.tiles.cols, next_bc = packed && next < tile.keys.end ? std::min(pb.tiles.cols, tile.keys.end - next) : 0;
-    // The next tile's K and V rows are requested during the last 8 strips, shortly before they
-    // are packed (alternated runs at L = 4096: up to 1.1x faster than without, never slower).
-    const index_t strips = (br + block_rows - 1) / block_rows, fetching = std::min<index_t>(strips, 8);
-    const index_t share = (next_bc + fetching - 1) / fetching;
-    for (index_t r0 = 0, strip = 0; r0 < br; r0 += block_rows, ++strip) {
-      if (strip >= strips - fetching)
-        prefetch_key_rows(pb, seq, kv_head, next + (strip - strips + fetching) * share, next + next_bc, share);
+    for (index_t r0 = 0; r0 < br; r0 += block_rows) {
+      if (packed) prefetch_next_key_tile(pb, seq, tile, kv_head, c0, r0);
       forward_strip(pb, plan, band, seq, tile, h, c0, bc, r0, std::min<index_t>(block_rows, br - r0), packed, s);
     }
   }

@@ -104,7 +104,7 @@ class offset_table_plan {
     });
   }
 
-  void add_row(index_t h, index_t i, index_t j0, index_t n, scalar_type* row) const { add_values(table_.row(h, i, j0), n, row); }
+  void add_row(index_t h, index_t i, index_t j0, index_t n, scalar_type* row) const { add_values(row_values(h, i, j0), n, row); }
   const scalar_type* row_values(index_t h, index_t i, index_t j0) const { return table_.row(h, i, j0); }
 
  private:

@@ -177,8 +177,7 @@ class fire_plan {
   const S* row_values(index_t h, index_t i, index_t j0) const { return below_threshold(fire_, i) ? below_.row(h, i, j0) : nullptr; }
 
   void add_row(index_t h, index_t i, index_t j0, index_t n, S* row) const {
-    if (below_threshold(fire_, i)) {
-      const S* values = below_.row(h, i, j0);
+    if (const S* values = row_values(h, i, j0)) {
       add_values(values, n, row);
       return;
     }
