@@ -119,6 +119,22 @@ TEST_CASE("train: Adam with bias correction, by hand", "[train]") {
   CHECK(opt.steps() == 2);
 }
 
+TEST_CASE("train: Adam's learning rate can follow a schedule; the moments are kept", "[train]") {
+  alibi<double, true> bias{1};
+  bias.parameters() << 1.0;
+  adam<double> opt{0.01};
+  opt.step(bias, std::vector<double>{2.0});  // m_hat = g, v_hat = g^2: p -= lr
+  CHECK(near(bias.slope(0), 1.0 - 0.01 * 2.0 / (2.0 + 1e-8)));
+  opt.set_learning_rate(0.5);
+  const double before = bias.slope(0);
+  opt.step(bias, std::vector<double>{0.0});  // m = 0.18, v = 0.003996: the old moments, the new rate
+  CHECK(near(bias.slope(0), before - 0.5 * (0.18 / 0.19) / (std::sqrt(0.003996 / 0.001999) + 1e-8), 1e-12));
+  CHECK(opt.options().learning_rate == 0.5);
+  CHECK(contains(message_of<std::invalid_argument>([&] { opt.set_learning_rate(-1.0); }),
+                 "relbias::adam::set_learning_rate: learning_rate must be finite and >= 0, got -1"));
+  CHECK(opt.options().learning_rate == 0.5);
+}
+
 TEST_CASE("train: Adam's weight decay is added to the gradient (L2, as torch.optim.Adam)", "[train]") {
   alibi<double, true> bias{1};
   bias.parameters() << 2.0;

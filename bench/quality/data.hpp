@@ -11,6 +11,7 @@
 #include <fstream>
 #include <iterator>
 #include <set>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -103,7 +104,7 @@ inline batch_tokens sample_text(const std::vector<int>& stream, index_t batch, i
 }
 
 /// Windows [first, first + count) of length seq cut from the start of stream, without overlap.
-inline batch_tokens consecutive_windows(const std::vector<int>& stream, index_t first, index_t count, index_t seq) {
+inline batch_tokens consecutive_windows(std::span<const int> stream, index_t first, index_t count, index_t seq) {
   batch_tokens b;
   const auto begin = stream.begin() + first * seq;
   b.tokens.assign(begin, begin + count * seq);

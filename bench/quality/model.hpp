@@ -15,6 +15,7 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -144,17 +145,26 @@ struct layer_norm {
   }
 };
 
-/// GELU, tanh approximation (GPT-2's).
+/// GELU, tanh approximation (GPT-2's), over a whole matrix: writes the activation and its
+/// derivative (which the backward needs, so tanh runs once). Whole-array expressions run in
+/// Eigen's packets (its float tanh is a rational approximation within a few ulp); a scalar
+/// std::tanh per element (libm's tanhf and the expm1f under it) took a third of the step. Blocks
+/// of 16 rows keep the tanh temporary in L1 instead of a pass through memory of its own.
 template <class S>
-S gelu(S x) {
+void gelu(const matrix<S>& x, matrix<S>& activation, matrix<S>& derivative) {
   const S k = S(0.7978845608028654), a = S(0.044715);
-  return S(0.5) * x * (S(1) + std::tanh(k * (x + a * x * x * x)));
-}
-template <class S>
-S gelu_derivative(S x) {
-  const S k = S(0.7978845608028654), a = S(0.044715);
-  const S t = std::tanh(k * (x + a * x * x * x));
-  return S(0.5) * (S(1) + t) + S(0.5) * x * (S(1) - t * t) * k * (S(1) + S(3) * a * x * x);
+  constexpr index_t block_rows = 16;
+  activation.resize(x.rows(), x.cols());
+  derivative.resize(x.rows(), x.cols());
+  matrix<S> t;
+  for (index_t r = 0; r < x.rows(); r += block_rows) {
+    const index_t rows = std::min(block_rows, x.rows() - r);
+    const auto u = x.middleRows(r, rows).array();
+    t = (k * (u + a * u.cube())).tanh();
+    activation.middleRows(r, rows).array() = S(0.5) * u * (S(1) + t.array());
+    derivative.middleRows(r, rows).array() =
+        S(0.5) * (S(1) + t.array()) + (S(0.5) * k) * u * (S(1) - t.array().square()) * (S(1) + (S(3) * a) * u.square());
+  }
 }
 
 /// What one block's backward needs from its forward.
@@ -164,6 +174,7 @@ struct block_cache {
   std::vector<S> lse;      // [batch][heads][seq]
   matrix<S> mlp_pre;       // (N, hidden) before GELU
   matrix<S> mlp_act;       // (N, hidden) after GELU
+  matrix<S> mlp_slope;     // (N, hidden) GELU's derivative at mlp_pre
   layer_norm<S> ln1, ln2;
   matrix<S> ln1_out, ln2_out;
 };
@@ -246,8 +257,9 @@ class model {
     matrix<S> y = x + c.o * view(weights_, s.wo);
 
     c.ln2_out = c.ln2.forward(y, row(s.ln2_gain), row(s.ln2_shift));
-    c.mlp_pre = (c.ln2_out * view(weights_, s.w1)).rowwise() + row(s.c1);
-    c.mlp_act = c.mlp_pre.unaryExpr([](S v) { return gelu(v); });
+    c.mlp_pre.noalias() = c.ln2_out * view(weights_, s.w1);
+    c.mlp_pre.rowwise() += row(s.c1);
+    gelu(c.mlp_pre, c.mlp_act, c.mlp_slope);
     y.noalias() += c.mlp_act * view(weights_, s.w2);
     y.rowwise() += row(s.c2);
     return y;
@@ -259,8 +271,8 @@ class model {
     // MLP: y = x1 + gelu(LN2(x1) W1 + c1) W2 + c2
     view(grad_, s.c2) += dy.colwise().sum();
     view(grad_, s.w2).noalias() += c.mlp_act.transpose() * dy;
-    const matrix<S> d_pre = (dy * view(weights_, s.w2).transpose()).cwiseProduct(
-        c.mlp_pre.unaryExpr([](S v) { return gelu_derivative(v); }));
+    matrix<S> d_pre = dy * view(weights_, s.w2).transpose();
+    d_pre.array() *= c.mlp_slope.array();
     view(grad_, s.c1) += d_pre.colwise().sum();
     view(grad_, s.w1).noalias() += c.ln2_out.transpose() * d_pre;
     const matrix<S> d_ln2 = d_pre * view(weights_, s.w1).transpose();
@@ -276,28 +288,33 @@ class model {
     view(grad_, s.wq).noalias() += c.ln1_out.transpose() * dq;
     view(grad_, s.wk).noalias() += c.ln1_out.transpose() * dk;
     view(grad_, s.wv).noalias() += c.ln1_out.transpose() * dv;
-    const matrix<S> d_ln1 =
-        dq * view(weights_, s.wq).transpose() + dk * view(weights_, s.wk).transpose() + dv * view(weights_, s.wv).transpose();
+    matrix<S> d_ln1 = dq * view(weights_, s.wq).transpose();
+    d_ln1.noalias() += dk * view(weights_, s.wk).transpose();
+    d_ln1.noalias() += dv * view(weights_, s.wv).transpose();
     return dx1 + c.ln1.backward(d_ln1, row(s.ln1_gain), view(grad_, s.ln1_gain), view(grad_, s.ln1_shift));
   }
 
-  /// Mean cross-entropy over scored targets; leaves dloss/dlogits in d_logits_.
+  /// Mean cross-entropy over scored targets; leaves dloss/dlogits in d_logits_. The softmax runs
+  /// over the whole (N, V) matrix at once (Eigen's packet exp), not row by row.
   S softmax_cross_entropy(std::span<const int> targets, std::span<S> per_position) {
-    d_logits_.setZero(logits_.rows(), logits_.cols());
     index_t scored = 0;
     for (int t : targets) scored += t >= 0;
+    const Eigen::Matrix<S, Eigen::Dynamic, 1> row_max = logits_.rowwise().maxCoeff();  // (N)
+    d_logits_ = (logits_.colwise() - row_max).array().exp();                            // (N, V)
+    const Eigen::Matrix<S, Eigen::Dynamic, 1> row_sum = d_logits_.rowwise().sum();    // (N)
+    const S weight = scored > 0 ? S(1) / S(scored) : S(0);
     double total = 0;
     for (index_t r = 0; r < logits_.rows(); ++r) {
       const int target = targets[std::size_t(r)];
-      const S row_max = logits_.row(r).maxCoeff();
-      const auto shifted = (logits_.row(r).array() - row_max).eval();
-      const S log_sum = std::log(shifted.exp().sum());
-      const S loss = target >= 0 ? log_sum - shifted[target] : S(0);
+      const S loss = target >= 0 ? std::log(row_sum[r]) - (logits_(r, target) - row_max[r]) : S(0);
       if (!per_position.empty()) per_position[std::size_t(r)] = loss;
-      if (target < 0) continue;
       total += double(loss);
-      d_logits_.row(r) = (shifted - log_sum).exp().matrix() / S(scored);
-      d_logits_(r, target) -= S(1) / S(scored);
+      if (target < 0) {
+        d_logits_.row(r).setZero();
+        continue;
+      }
+      d_logits_.row(r) *= weight / row_sum[r];
+      d_logits_(r, target) -= weight;
     }
     return scored > 0 ? S(total / double(scored)) : S(0);
   }

@@ -177,6 +177,12 @@ class adam {
   /// Steps taken so far (t in the bias corrections).
   std::int64_t steps() const noexcept { return steps_; }
   const adam_options<Scalar>& options() const noexcept { return options_; }
+  /// For a schedule (warm-up, decay): the next step uses this rate; the moments are kept, as when
+  /// PyTorch's schedulers write param_group["lr"]. Throws std::invalid_argument unless >= 0.
+  void set_learning_rate(Scalar learning_rate) {
+    detail::check_hyper("relbias::adam::set_learning_rate", "learning_rate", learning_rate, learning_rate >= 0, ">= 0");
+    options_.learning_rate = learning_rate;
+  }
 
  private:
   adam_options<Scalar> options_;
