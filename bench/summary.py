@@ -5,13 +5,14 @@
 
 Cost: forward and backward time ratio to no bias at the checks' length (medians from OUT_DIR/targets.json,
 when the speed stage wrote it) and training CPU time per step of the quality model (one thread). Quality: held-out
-bits per character at 1x and 8x the training length and probe accuracy (OUT_DIR/quality/summary.json).
+bits per character at 1x and 8x the training length and probe accuracy (OUT_DIR/quality/summary.json),
+then the quality run's answer (best scheme per question, ties within the seed spread).
 """
 import json
 import sys
 from pathlib import Path
 
-SCHEMES = ["no_bias", "alibi", "kerple_power", "kerple_log", "t5", "per_offset", "fire"]
+SCHEMES = ["no_bias", "alibi", "sandwich", "kerple_power", "kerple_log", "t5", "per_offset", "fire", "fire_train_L"]
 SPEED_NAME = {"no_bias": "none"}  # the speed benchmarks call the baseline policy "none"
 
 
@@ -61,6 +62,12 @@ def main():
               f"{value(q, 'train_ms_per_step', 1):>13s} {value(q, 'bpc_1x', 3):>7s} {value(q, 'bpc_8x', 3):>7s} "
               f"{value(q, 'small_data_bpc_1x', 3):>12s} {value(q, 'probe_accuracy', 3):>9s}")
     print("Lower bits per character is better; the probe's chance level is 0.0625.")
+    if quality:
+        if quality.get("quick"):
+            print("\nA QUICK run: its quality numbers are a smoke test of the pipeline, not an answer.")
+        print(f"\nThe answer of this run ({quality_path.parent / 'quality.md'} has the tables, ties and convergence):")
+        for line in quality.get("answer", []):
+            print(f"  - {line}")
 
 
 if __name__ == "__main__":

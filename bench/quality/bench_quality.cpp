@@ -75,7 +75,7 @@ void write_json(const std::string& path, const quality::run_config& c, const qua
   o << ",\n \"eval_lengths\": " << json_array(r.eval_lengths) << ",\n \"eval_bpc\": " << json_array(r.eval_bpc)
     << ",\n \"probe_accuracy\": " << json_number(r.probe_accuracy) << ",\n \"curve_x\": " << json_array(r.curve_x)
     << ",\n \"curve_y\": " << json_array(r.curve_y) << ",\n \"train_loss\": " << json_array(r.train_loss)
-    << ",\n \"learning_rate\": " << json_array(r.learning_rate)
+    << ",\n \"learning_rate_schedule\": " << json_array(r.learning_rate)
     << ",\n \"bias_query_position\": " << r.bias_query_position << ",\n \"bias_by_distance\": [";
   for (std::size_t h = 0; h < r.bias_by_distance.size(); ++h) o << (h ? ",\n  " : "\n  ") << json_array(r.bias_by_distance[h]);
   o << "]\n}\n";

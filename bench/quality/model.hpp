@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 namespace quality {
@@ -52,7 +53,7 @@ struct slot {
 };
 
 struct layer_slots {
-  slot ln1_gain, ln1_shift, wq, wk, wv, wo, ln2_gain, ln2_shift, w1, c1, w2, c2;
+  slot ln1_gain, ln1_shift, wqkv, wo, ln2_gain, ln2_shift, w1, c1, w2, c2;  // wqkv = [Wq | Wk | Wv]
 };
 
 /// Every model weight in one flat vector (so one optimiser state covers them all), and the
@@ -67,7 +68,7 @@ struct model_layout {
     for (index_t l = 0; l < c.layers; ++l) {
       layer_slots s;
       s.ln1_gain = add(1, c.d_model), s.ln1_shift = add(1, c.d_model);
-      s.wq = add(c.d_model, c.d_model), s.wk = add(c.d_model, c.d_model), s.wv = add(c.d_model, c.d_model);
+      s.wqkv = add(c.d_model, 3 * c.d_model);
       s.wo = add(c.d_model, c.d_model);
       s.ln2_gain = add(1, c.d_model), s.ln2_shift = add(1, c.d_model);
       s.w1 = add(c.d_model, c.hidden()), s.c1 = add(1, c.hidden());
@@ -107,7 +108,7 @@ flat_vector<S> initial_weights(const model_config& c, const model_layout& layout
   normal(layout.embedding, 0.02);
   for (const layer_slots& s : layout.layers) {
     view(w, s.ln1_gain).setOnes(), view(w, s.ln2_gain).setOnes();
-    normal(s.wq, 0.02), normal(s.wk, 0.02), normal(s.wv, 0.02), normal(s.wo, residual_std);
+    normal(s.wqkv, 0.02), normal(s.wo, residual_std);
     normal(s.w1, 0.02), normal(s.w2, residual_std);
   }
   view(w, layout.final_gain).setOnes();
@@ -170,7 +171,8 @@ void gelu(const matrix<S>& x, matrix<S>& activation, matrix<S>& derivative) {
 /// What one block's backward needs from its forward.
 template <class S>
 struct block_cache {
-  matrix<S> q, k, v, o;    // (N, d) each = [batch, seq, heads, head_dim]
+  matrix<S> qkv;           // (N, 3d) = [q | k | v], each [batch, seq, heads, head_dim]
+  matrix<S> o;             // (N, d)
   std::vector<S> lse;      // [batch][heads][seq]
   matrix<S> mlp_pre;       // (N, hidden) before GELU
   matrix<S> mlp_act;       // (N, hidden) after GELU
@@ -235,11 +237,14 @@ class model {
  private:
   row_vector<S> row(const slot& s) const { return view(weights_, s); }
 
-  relbias::tensor_view<const S> heads_view(const matrix<S>& m) const {
-    return relbias::bshd<const S>(m.data(), batch_, seq_, config_.heads, config_.head_dim());
-  }
-  relbias::tensor_view<S> heads_view(matrix<S>& m) const {
-    return relbias::bshd<S>(m.data(), batch_, seq_, config_.heads, config_.head_dim());
+  /// [batch, seq, heads, head_dim] over (N, d) columns [first, first + d) of m (q, k and v are
+  /// column blocks of one (N, 3d) matrix: one product with [Wq | Wk | Wv] instead of three).
+  template <class M>
+  auto heads_view(M& m, index_t first = 0) const {
+    using T = std::remove_pointer_t<decltype(m.data())>;
+    const index_t d = config_.d_model, stride = m.cols();
+    return relbias::tensor_view<T>{m.data() + first * d, batch_, seq_, config_.heads, config_.head_dim(),
+                                   seq_ * stride, stride, config_.head_dim()};
   }
   static relbias::attention_options<S> causal() { return {.mask = relbias::masking::causal}; }
 
@@ -247,12 +252,11 @@ class model {
     const layer_slots& s = layout_.layers[std::size_t(l)];
     block_cache<S>& c = caches_[std::size_t(l)];
     c.ln1_out = c.ln1.forward(x, row(s.ln1_gain), row(s.ln1_shift));
-    c.q = c.ln1_out * view(weights_, s.wq);
-    c.k = c.ln1_out * view(weights_, s.wk);
-    c.v = c.ln1_out * view(weights_, s.wv);
+    c.qkv.noalias() = c.ln1_out * view(weights_, s.wqkv);
     c.o.resize(x.rows(), config_.d_model);
     c.lse.resize(std::size_t(batch_ * config_.heads * seq_));
-    relbias::attention(heads_view(c.q), heads_view(c.k), heads_view(c.v), bias, causal(), heads_view(c.o),
+    const matrix<S>& qkv = c.qkv;
+    relbias::attention(heads_view(qkv, 0), heads_view(qkv, 1), heads_view(qkv, 2), bias, causal(), heads_view(c.o),
                        std::span<S>(c.lse));
     matrix<S> y = x + c.o * view(weights_, s.wo);
 
@@ -281,16 +285,13 @@ class model {
     // Attention: x1 = x + attention(...) Wo
     view(grad_, s.wo).noalias() += c.o.transpose() * dx1;
     const matrix<S> d_o = dx1 * view(weights_, s.wo).transpose();
-    matrix<S> dq(c.q.rows(), c.q.cols()), dk(c.k.rows(), c.k.cols()), dv(c.v.rows(), c.v.cols());
-    relbias::attention_backward(heads_view(c.q), heads_view(c.k), heads_view(c.v), heads_view(c.o), heads_view(d_o),
-                                std::span<const S>(c.lse), bias, causal(), heads_view(dq), heads_view(dk),
-                                heads_view(dv), bias_grad);
-    view(grad_, s.wq).noalias() += c.ln1_out.transpose() * dq;
-    view(grad_, s.wk).noalias() += c.ln1_out.transpose() * dk;
-    view(grad_, s.wv).noalias() += c.ln1_out.transpose() * dv;
-    matrix<S> d_ln1 = dq * view(weights_, s.wq).transpose();
-    d_ln1.noalias() += dk * view(weights_, s.wk).transpose();
-    d_ln1.noalias() += dv * view(weights_, s.wv).transpose();
+    matrix<S> d_qkv(c.qkv.rows(), c.qkv.cols());  // (N, 3d) = [dq | dk | dv]
+    const matrix<S>& o = c.o;
+    relbias::attention_backward(heads_view(c.qkv, 0), heads_view(c.qkv, 1), heads_view(c.qkv, 2), heads_view(o),
+                                heads_view(d_o), std::span<const S>(c.lse), bias, causal(), heads_view(d_qkv, 0),
+                                heads_view(d_qkv, 1), heads_view(d_qkv, 2), bias_grad);
+    view(grad_, s.wqkv).noalias() += c.ln1_out.transpose() * d_qkv;
+    const matrix<S> d_ln1 = d_qkv * view(weights_, s.wqkv).transpose();
     return dx1 + c.ln1.backward(d_ln1, row(s.ln1_gain), view(grad_, s.ln1_gain), view(grad_, s.ln1_shift));
   }
 

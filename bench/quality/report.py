@@ -10,7 +10,9 @@ seeds with [min, max] beside it.
 """
 import datetime
 import json
+import os
 import platform
+import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -21,16 +23,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-SCHEMES = ["no_bias", "alibi", "kerple_power", "kerple_log", "t5", "per_offset", "fire"]
-LEARNED = ["kerple_power", "kerple_log", "t5", "per_offset", "fire"]
+SCHEMES = ["no_bias", "alibi", "sandwich", "kerple_power", "kerple_log", "t5", "per_offset", "fire", "fire_train_L"]
+HEURISTIC = ["alibi", "sandwich"]
+LEARNED = ["kerple_power", "kerple_log", "t5", "per_offset", "fire", "fire_train_L"]
+FLAT_BPC = 0.02       # converged: the last quarter of training improved validation bpc by less than this
+FLAT_ACCURACY = 0.01  # the probe's plateau: the last quarter raised accuracy by less than this
+SOLVED = 0.99         # the probe is solved at this accuracy (bench_quality stops there)
 COLORS = dict(zip(SCHEMES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
 CLIP = -20  # bias axis floor in the bias plots
 BEGIN, END = "<!-- quality: begin (bench/quality/report.py writes this part) -->", "<!-- quality: end -->"
 
 
 def load_runs(out):
-    runs = defaultdict(list)  # (name, scheme) -> runs sorted by seed
-    for path in sorted((out / "runs").glob("*.json")):
+    """(name, scheme) -> runs sorted by seed; name: text, small, probe, and long (the budget check,
+    OUT_DIR/long/, kept when the main runs are redone)."""
+    runs = defaultdict(list)
+    for path in sorted((out / "runs").glob("*.json")) + sorted((out / "long").glob("*.json")):
         run = json.loads(path.read_text())
         runs[(path.name.split("_")[0], run["scheme"])].append(run)
     for key in runs:
@@ -57,42 +65,186 @@ def machine():
                 break
     except OSError:
         pass
-    import os
     return f"{platform.node()}: {model}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
 
 
+def commit():
+    """The checkout's commit, "+changes" when the tree differs from it."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# ---- Convergence and ties --------------------------------------------------------------------
+
+def last_quarter_gain(run, probe):
+    """How much the last quarter of training improved the best validation value: bits per
+    character gained (text), accuracy gained (probe). Small: the curve had flattened."""
+    x, y = np.array(run["curve_x"]), np.array(run["curve_y"])
+    late = x > 0.75 * x[-1]
+    if late.all() or not late.any():
+        return float("nan")
+    if probe:
+        return float(y[late].max() - y[~late].max())
+    return float(y[~late].min() - y[late].min())
+
+
+def solved_at(run):
+    """Training sequences seen when the probe first reached SOLVED accuracy, or None."""
+    for x, y in zip(run["curve_x"], run["curve_y"]):
+        if y >= SOLVED:
+            return x
+    return None
+
+
+def converged(run, probe):
+    if probe and solved_at(run) is not None:
+        return True
+    gain = last_quarter_gain(run, probe)
+    return bool(np.isfinite(gain) and gain < (FLAT_ACCURACY if probe else FLAT_BPC))
+
+
+def ranking(groups, value_of, lower_is_better=True):
+    """{scheme: "best" | "tie" | ""}: the best mean, and the schemes whose range over seeds
+    overlaps the best one's (the difference is within the seed spread: a tie)."""
+    values = {scheme: [value_of(r) for r in group] for scheme, group in groups.items() if group}
+    if not values:
+        return {}
+    sign = 1 if lower_is_better else -1
+    best = min(values, key=lambda scheme: sign * np.mean(values[scheme]))
+    lo, hi = min(values[best]), max(values[best])
+    marks = {}
+    for scheme, v in values.items():
+        overlaps = min(v) <= hi and max(v) >= lo
+        marks[scheme] = "best" if scheme == best else ("tie" if overlaps else "")
+    return marks
+
+
+def tied_with_best(marks):
+    best = [s for s, m in marks.items() if m == "best"]
+    return best[0] if best else None, [s for s, m in marks.items() if m == "tie"]
+
+
+MARK = {"best": " **best**", "tie": " (tie)", "": ""}
+
+
+def groups_of(runs, name):
+    return {scheme: runs.get((name, scheme), []) for scheme in SCHEMES if runs.get((name, scheme))}
+
+
+# ---- Tables ----------------------------------------------------------------------------------
+
 def text_table(runs, name):
-    some = next((runs[(name, s)] for s in SCHEMES if runs.get((name, s))), None)
-    if not some:
+    groups = groups_of(runs, name)
+    if not groups:
         return []
-    lengths = some[0]["eval_lengths"]
-    first = some[0]
-    lines = [f"| scheme | bias params | train CPU ms/step | " + " | ".join(f"bpc at {n} ({n // first['seq']}x)" for n in lengths) + " |",
-             "|---" * (3 + len(lengths)) + "|"]
-    for scheme in SCHEMES:
-        group = runs.get((name, scheme), [])
-        if not group:
-            continue
-        cells = [spread([r["eval_bpc"][k] for r in group]) for k in range(len(lengths))]
-        lines.append(f"| {scheme} | {group[0]['bias_parameters']} | {spread([r['cpu_ms_per_step'] for r in group], 1)} | "
-                     + " | ".join(cells) + " |")
+    first = next(iter(groups.values()))[0]
+    lengths = first["eval_lengths"]
+    marks = [ranking(groups, lambda r, k=k: r["eval_bpc"][k]) for k in range(len(lengths))]
+    base = np.mean([r["cpu_ms_per_step"] for r in groups.get("no_bias", [])]) if "no_bias" in groups else None
+    lines = ["| scheme | bias params | CPU ms/step (x no bias) | converged | " +
+             " | ".join(f"bpc at {n} ({n // first['seq']}x)" for n in lengths) + " |",
+             "|---" * (4 + len(lengths)) + "|"]
+    for scheme, group in groups.items():
+        ms = [r["cpu_ms_per_step"] for r in group]
+        cost = spread(ms, 1) + (f" ({np.mean(ms) / base:.2f}x)" if base else "")
+        flat = f"{sum(converged(r, False) for r in group)}/{len(group)}"
+        cells = [spread([r["eval_bpc"][k] for r in group]) + MARK[marks[k].get(scheme, "")] for k in range(len(lengths))]
+        lines.append(f"| {scheme} | {group[0]['bias_parameters']} | {cost} | {flat} | " + " | ".join(cells) + " |")
     return lines
 
 
-def curve_table(runs, name, label, digits):
-    """The learning curve at four points: a quarter, half, three quarters and all of training."""
-    some = next((runs[(name, s)] for s in SCHEMES if runs.get((name, s))), None)
-    if not some:
+def convergence_table(runs, name, probe):
+    """Per scheme and seed: the last quarter's gain (and, for the probe, where it was solved)."""
+    groups = groups_of(runs, name)
+    if not groups:
         return []
-    xs = some[0]["curve_x"]
-    picks = sorted({len(xs) // 4, len(xs) // 2, 3 * len(xs) // 4, len(xs) - 1})
-    lines = [f"| scheme | " + " | ".join(f"after {xs[k]:,.0f} {label}" for k in picks) + " |",
-             "|---" * (1 + len(picks)) + "|"]
-    for scheme in SCHEMES:
-        group = runs.get((name, scheme), [])
-        if group:
-            lines.append(f"| {scheme} | " + " | ".join(spread([r["curve_y"][k] for r in group], digits) for k in picks) + " |")
+    seeds = sorted({r["seed"] for g in groups.values() for r in g})
+    unit = "accuracy" if probe else "bpc"
+    lines = [f"| scheme | " + " | ".join(f"seed {s}: last-quarter gain ({unit})" for s in seeds) +
+             " | best point at (of the run) |", "|---" * (2 + len(seeds)) + "|"]
+    for scheme, group in groups.items():
+        cells = []
+        for r in group:
+            gain = last_quarter_gain(r, probe)
+            where = solved_at(r) if probe else None
+            text = f"solved at {where:,.0f} seq." if where is not None else f"{gain:+.3f}"
+            cells.append(text + (" flat" if converged(r, probe) else " **still moving**"))
+        best = spread([r["best_x"] / r["curve_x"][-1] for r in group], 2)
+        lines.append(f"| {scheme} | " + " | ".join(cells) + f" | {best} |")
     return lines
+
+
+def probe_table(runs):
+    groups = groups_of(runs, "probe")
+    if not groups:
+        return []
+    marks = ranking(groups, lambda r: r["probe_accuracy"], lower_is_better=False)
+    lines = ["| scheme | bias params | accuracy (best point) | runs solved (>= 0.99) | sequences to solve | steps run |",
+             "|---" * 6 + "|"]
+    for scheme, group in groups.items():
+        solved = [solved_at(r) for r in group]
+        done = [x for x in solved if x is not None]
+        lines.append(f"| {scheme} | {group[0]['bias_parameters']} | {spread([r['probe_accuracy'] for r in group])}"
+                     f"{MARK[marks.get(scheme, '')]} | {len(done)}/{len(group)} | {spread(done, 0) if done else '-'} | "
+                     f"{spread([r['steps_run'] for r in group], 0)} |")
+    return lines
+
+
+def rank_of(groups, value_of):
+    means = {scheme: np.mean([value_of(r) for r in group]) for scheme, group in groups.items()}
+    order = sorted(means, key=means.get)
+    return {scheme: order.index(scheme) + 1 for scheme in means}
+
+
+def budget_check(runs):
+    """The 15-minute run's seed 0 beside the same run trained 4x longer (OUT_DIR/long/)."""
+    long, text = groups_of(runs, "long"), groups_of(runs, "text")
+    if not long or not text:
+        return []
+    short = {s: [g[0]] for s, g in text.items() if s in long and g[0]["seed"] == long[s][0]["seed"]}
+    long = {s: g[:1] for s, g in long.items() if s in short}
+    if not short:
+        return []
+    first_long, first_short = next(iter(long.values()))[0], next(iter(short.values()))[0]
+    chars = lambda r: r["steps"] * r["batch"] * r["seq"] / 1e6
+    lines = [f"Seed {first_short['seed']}: the main run ({chars(first_short):.1f} M training characters) beside the same run "
+             f"trained on {chars(first_long):.1f} M (`--long`), the schedule stretched over it. Rank: 1 = lowest bits "
+             "per character among these schemes.", "",
+             "| scheme | bpc 1x, main | bpc 1x, 4x longer | rank 1x main / longer | bpc 16x, main | bpc 16x, 4x longer | "
+             "rank 16x main / longer | longer run: last-quarter gain |", "|---" * 8 + "|"]
+    ranks = [rank_of(g, lambda r, k=k: r["eval_bpc"][k]) for g in (short, long) for k in (0, -1)]
+    for scheme in long:
+        a, b = short[scheme][0], long[scheme][0]
+        gain = last_quarter_gain(b, False)
+        lines.append(f"| {scheme} | {a['eval_bpc'][0]:.3f} | {b['eval_bpc'][0]:.3f} | {ranks[0][scheme]} / {ranks[2][scheme]} | "
+                     f"{a['eval_bpc'][-1]:.3f} | {b['eval_bpc'][-1]:.3f} | {ranks[1][scheme]} / {ranks[3][scheme]} | "
+                     f"{gain:+.3f}{' flat' if converged(b, False) else ' still moving'} |")
+    return lines
+
+
+def speed_lines(runs):
+    groups = groups_of(runs, "text")
+    if not groups:
+        return []
+    lines = ["| scheme | CPU ms/step | step GFLOP/s | fraction of the one-thread FMA peak |", "|---" * 4 + "|"]
+    for scheme, group in groups.items():
+        lines.append(f"| {scheme} | {spread([r['cpu_ms_per_step'] for r in group], 1)} | "
+                     f"{spread([r['step_gflops'] for r in group], 0)} | {spread([r['peak_fraction'] for r in group], 2)} |")
+    return lines
+
+
+# ---- Plots -----------------------------------------------------------------------------------
+
+def stamp(fig, footer):
+    fig.text(0.005, 0.005, footer, fontsize=7, color="dimgray", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
 
 
 def band_plot(ax, runs, name, x_of, y_of, label_x, label_y):
@@ -101,49 +253,59 @@ def band_plot(ax, runs, name, x_of, y_of, label_x, label_y):
         if not group:
             continue
         x = np.array(x_of(group[0]), dtype=float)
-        ys = np.array([y_of(r) for r in group], dtype=float)
-        ax.plot(x, ys.mean(axis=0), marker="o", markersize=3, color=COLORS[scheme], label=scheme)
+        ys = [np.array(y_of(r), dtype=float) for r in group]
+        n = min(len(y) for y in ys)  # a solved probe run stops early
+        ys = np.array([y[:n] for y in ys])
+        ax.plot(x[:n], ys.mean(axis=0), marker="o", markersize=2, color=COLORS[scheme], label=scheme,
+                linestyle="--" if scheme in HEURISTIC or scheme == "no_bias" else "-")
         if len(group) > 1:
-            ax.fill_between(x, ys.min(axis=0), ys.max(axis=0), color=COLORS[scheme], alpha=0.2)
+            ax.fill_between(x[:n], ys.min(axis=0), ys.max(axis=0), color=COLORS[scheme], alpha=0.2)
     ax.set_xlabel(label_x)
     ax.set_ylabel(label_y)
     ax.grid(alpha=0.3)
 
 
-def plot_text_panels(runs, out, file, title, x_of, y_of, label_x, label_y, log_x):
-    """One panel for the runs on all training files, one for the small-data runs."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+def plot_text_panels(runs, out, file, title, x_of, y_of, label_x, label_y, log_x, footer, zoom_first=None):
+    """One panel for the runs on all training files, one for the small-data runs; each panel
+    scales to its own data (a shared axis had cut off the small-data curves)."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, name, data in zip(axes, ["text", "small"], ["all training files", "every 20th training record (5 %)"]):
         band_plot(ax, runs, name, x_of, y_of, label_x, label_y)
         if log_x:
             ax.set_xscale("log", base=2)
-        ax.set_ylim(bottom=0)
+        if zoom_first is not None:
+            ys = [v for s in SCHEMES for r in runs.get((name, s), []) for v in y_of(r)[zoom_first:]]
+            if ys:
+                ax.set_ylim(min(ys) - 0.05, max(ys) + 0.05)
         ax.set_title(f"{title}: {data}")
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    stamp(fig, footer)
     fig.savefig(out / file, dpi=110)
     plt.close(fig)
 
 
-def plot_probe(runs, out):
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def plot_probe(runs, out, footer):
+    fig, ax = plt.subplots(figsize=(7.5, 5))
     band_plot(ax, runs, "probe", lambda r: r["curve_x"], lambda r: r["curve_y"], "training sequences seen",
               "probe accuracy (fraction of positions)")
     ax.axhline(1 / 16, color="gray", linestyle=":", label="chance (1/16)")
-    ax.set_ylim(0, 1)
+    ax.axhline(SOLVED, color="black", linestyle=":", linewidth=0.8, label=f"solved ({SOLVED})")
+    ax.set_ylim(0, 1.02)
     ax.set_title("Copy the symbol k = 5..9 back (length 32)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
+    stamp(fig, footer)
     fig.savefig(out / "probe.png", dpi=110)
     plt.close(fig)
 
 
-def plot_biases(runs, out, name, file, log_x):
+def plot_biases(runs, out, name, file, log_x, footer):
+    shown_schemes = LEARNED + ["sandwich"]
     alibi = runs.get((name, "alibi"))
-    fig, axes = plt.subplots(1, len(LEARNED), figsize=(4 * len(LEARNED), 3.8))
-    for ax, scheme in zip(axes, LEARNED):
+    fig, axes = plt.subplots(1, len(shown_schemes), figsize=(3.6 * len(shown_schemes), 3.9))
+    for ax, scheme in zip(axes, shown_schemes):
         group = runs.get((name, scheme))
         if not group:
+            ax.set_visible(False)
             continue
         run = group[0]
         heads = np.array(run["bias_by_distance"])
@@ -160,43 +322,91 @@ def plot_biases(runs, out, name, file, log_x):
             ax.axvline(run["seq"], color="black", linestyle=":", linewidth=0.8, label="training length")
         else:
             ax.axvspan(5, 9, color="yellow", alpha=0.2, label="k = 5..9")
-        # One scale for every panel. Below -20 a key's weight is under e^-20 = 2e-9 of the
-        # row's, as good as masked, so the axis stops there (KERPLE power reaches -1e6 at 1024).
+        # Below -20 a key's weight is under e^-20 = 2e-9 of the row's, as good as masked, so the
+        # axis stops there (KERPLE power reaches -1e6 at 1024).
         hi = heads[:, shown].max()
         ax.set_ylim(max(heads[:, shown].min(), CLIP) - 0.5, max(hi, 1) + 0.5)
         ax.set_title(f"{scheme} (seed {run['seed']}, query at {run['bias_query_position']})", fontsize=9)
-        ax.set_xlabel("distance i - j (positions" + (", log scale)" if log_x else ")"))
-        ax.set_ylabel(f"bias added to the score (nats, clipped at {CLIP})")
+        ax.set_xlabel("distance i - j" + (" (log scale)" if log_x else ""))
+        ax.set_ylabel(f"bias (nats, clipped at {CLIP})")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    stamp(fig, footer)
     fig.savefig(out / file, dpi=110)
     plt.close(fig)
 
 
-def plot_losses(runs, out):
-    names = [n for n in ["text", "small", "probe"] if any(runs.get((n, s)) for s in SCHEMES)]
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.2), squeeze=False)
+def plot_losses(runs, out, footer):
+    names = [n for n in ["text", "small", "probe", "long"] if any(runs.get((n, s)) for s in SCHEMES)]
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.6), squeeze=False)
+    styles = ["-", "--", ":"]
     for ax, name in zip(axes[0], names):
         for scheme in SCHEMES:
             for run in runs.get((name, scheme), []):
                 loss = np.array(run["train_loss"])
                 window = max(1, len(loss) // 40)  # a running mean, so the seeds' lines stay readable
                 smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-                ax.plot(np.arange(len(smooth)) + window, smooth, color=COLORS[scheme], linewidth=0.9,
-                        linestyle="-" if run["seed"] == 0 else "--", label=f"{scheme} s{run['seed']}")
-        ax.set_ylim(bottom=0)
+                ax.plot(np.arange(len(smooth)) + window, smooth, color=COLORS[scheme], linewidth=0.8,
+                        linestyle=styles[run["seed"] % 3], label=scheme if run["seed"] == 0 else None)
         ax.set_xlabel("training step")
         ax.set_ylabel("training loss (nats per predicted token)")
-        ax.set_title(f"Every run's training loss: {name}")
+        ax.set_title(f"Every run's training loss: {name} (seeds: - -- :)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
+    stamp(fig, footer)
     fig.savefig(out / "loss_curves.png", dpi=110)
     plt.close(fig)
 
 
-def summary(runs):
+# ---- The answer --------------------------------------------------------------------------------
+
+def best_sentence(groups, value_of, what, lower_is_better=True, digits=3):
+    marks = ranking(groups, value_of, lower_is_better)
+    best, ties = tied_with_best(marks)
+    if best is None:
+        return None
+    mean = np.mean([value_of(r) for r in groups[best]])
+    text = f"{what}: **{best}** ({mean:.{digits}f})"
+    if ties:
+        text += "; within the seed spread of it: " + ", ".join(
+            f"{s} ({np.mean([value_of(r) for r in groups[s]]):.{digits}f})" for s in ties)
+    else:
+        text += "; every other scheme is outside its seed range"
+    return text
+
+
+def answer(runs):
+    """The run's answer, read off its numbers only."""
+    lines = []
+    text, small, probe = groups_of(runs, "text"), groups_of(runs, "small"), groups_of(runs, "probe")
+    if text:
+        lengths = next(iter(text.values()))[0]["eval_lengths"]
+        seq = next(iter(text.values()))[0]["seq"]
+        for multiple in (1, 8, 16):
+            if multiple * seq in lengths:
+                k = lengths.index(multiple * seq)
+                lines.append(best_sentence(text, lambda r, k=k: r["eval_bpc"][k],
+                                           f"Held-out bits per character at {multiple}x the training length"))
+    if small:
+        lines.append(best_sentence(small, lambda r: r["eval_bpc"][0], "On 5 % of the data, at 1x"))
+        lengths = next(iter(small.values()))[0]["eval_lengths"]
+        lines.append(best_sentence(small, lambda r: r["eval_bpc"][-1], f"On 5 % of the data, at {lengths[-1]} characters"))
+    if probe:
+        lines.append(best_sentence(probe, lambda r: r["probe_accuracy"], "Probe accuracy (copy k = 5..9 back)",
+                                   lower_is_better=False))
+    if text:
+        base = np.mean([r["cpu_ms_per_step"] for r in text.get("no_bias", [])]) if "no_bias" in text else None
+        costs = [f"{s} {np.mean([r['cpu_ms_per_step'] for r in g]):.1f} ms" +
+                 (f" ({np.mean([r['cpu_ms_per_step'] for r in g]) / base:.2f}x)" if base else "") for s, g in text.items()]
+        lines.append("Cost, CPU ms per training step (one thread, x no bias): " + ", ".join(costs))
+        moving = [f"{s} seed {r['seed']}" for name in ("text", "small") for s, g in groups_of(runs, name).items()
+                  for r in g if not converged(r, False)]
+        lines.append(f"Converged (last quarter gained < {FLAT_BPC} bpc): " +
+                     ("every text run" if not moving else f"all but {', '.join(moving)}"))
+    return [line for line in lines if line]
+
+
+def summary(runs, answer_lines, quick):
     per_scheme = {}
     for scheme in SCHEMES:
         text, probe = runs.get(("text", scheme), []), runs.get(("probe", scheme), [])
@@ -206,10 +416,12 @@ def summary(runs):
             entry["bias_parameters"] = text[0]["bias_parameters"]
             entry["train_ms_per_step"] = float(np.mean([r["cpu_ms_per_step"] for r in text]))  # CPU time, one thread
             entry["train_wall_ms_per_step"] = float(np.mean([r["ms_per_step"] for r in text]))
+            entry["step_peak_fraction"] = float(np.mean([r["peak_fraction"] for r in text]))
             entry["bpc_1x"] = float(np.mean([r["eval_bpc"][0] for r in text]))
-            if 8 * text[0]["seq"] in lengths:
-                k = lengths.index(8 * text[0]["seq"])
-                entry["bpc_8x"] = float(np.mean([r["eval_bpc"][k] for r in text]))
+            for multiple in (8, 16):
+                if multiple * text[0]["seq"] in lengths:
+                    entry[f"bpc_{multiple}x"] = float(np.mean([r["eval_bpc"][lengths.index(multiple * text[0]["seq"])] for r in text]))
+            entry["converged_runs"] = sum(converged(r, False) for r in text)
         small = runs.get(("small", scheme), [])
         if small:
             entry["small_data_bpc_1x"] = float(np.mean([r["eval_bpc"][0] for r in small]))
@@ -217,7 +429,7 @@ def summary(runs):
             entry["probe_accuracy"] = float(np.mean([r["probe_accuracy"] for r in probe]))
         entry["seeds"] = len(text)
         per_scheme[scheme] = entry
-    return per_scheme
+    return {"quick": quick, "answer": [a.replace("**", "") for a in answer_lines], "schemes": per_scheme}
 
 
 def setup_lines(runs):
@@ -227,61 +439,86 @@ def setup_lines(runs):
     lines = []
     if text:
         lines.append(f"Model: {text['layers']} pre-LN blocks, d_model {text['d_model']}, {text['heads']} heads of "
-                     f"{text['d_model'] // text['heads']}, MLP 4x (GELU), tied character embedding ({text['vocab']} symbols), "
+                     f"{text['d_model'] // text['heads']}, MLP 4x (GELU), tied embedding ({text['vocab']} symbols), "
                      f"{text['model_parameters']:,} weights, no absolute positions; one bias policy shared by both layers. "
-                     f"Adam (lr {text['learning_rate']}, constant; the probe {probe['learning_rate'] if probe else '-'}), float, relbias's fused "
-                     "forward and backward, one thread per run (two runs at a time). Train CPU ms/step: the process's CPU time per "
-                     "step (forward, backward, Adam), which other tenants of a shared machine do not inflate.")
-        lines.append(f"Text: Debian fortunes, {text['train_chars']:,} training characters; held out whole files "
-                     f"{', '.join(text['held_out_files'])} ({text['held_out_chars']:,} characters), of which the first "
-                     f"{text['final_eval_chars']:,} are scored at every length in non-overlapping windows (every character "
-                     f"once, contexts 0 .. length - 1); learning curves score the first {text['curve_eval_chars']:,} at length {text['seq']}. "
+                     f"Adam, peak learning rate {text['learning_rate']} (the probe {probe['learning_rate'] if probe else '-'}), "
+                     f"linear warm-up over the first {text['warmup_fraction']:.0%} of the steps, then a cosine down to "
+                     f"{text['final_lr_fraction']:.0%} of the peak: the same for every scheme. Float, relbias's fused forward "
+                     "and backward, one thread per run, two runs at a time. CPU ms/step: the process's CPU time per step "
+                     "(forward, backward, Adam).")
+        lines.append(f"Text: {text.get('corpus', 'Debian fortunes')}, {text['train_chars']:,} training characters; held out "
+                     f"{', '.join(text['held_out_files']) or 'a tail'} ({text['held_out_chars']:,} characters). The learning "
+                     f"curve and the choice of the weights evaluated (the best curve point) use the last "
+                     f"{text['curve_eval_chars']:,} held-out characters (validation); the final numbers score the first "
+                     f"{text['final_eval_chars']:,} (test){' — overlapping: the held-out text is short' if text['validation_overlaps_test'] else ''}, "
+                     "at every length, in non-overlapping windows (contexts 0 .. length - 1). "
                      f"Training: {text['steps']} steps of {text['batch']} random windows of {text['seq']} characters "
-                     f"({text['steps'] * text['batch'] * text['seq']:,} characters), the same windows in the same order for every scheme of a seed.")
+                     f"({text['steps'] * text['batch'] * text['seq']:,} characters), the same windows in the same order for "
+                     "every scheme of a seed.")
     if small:
         lines.append(f"Small data: every 20th training record ({small['train_chars']:,} characters), {small['steps']} steps "
-                     f"({small['steps'] * small['batch'] * small['seq'] / small['train_chars']:.1f} passes over it).")
+                     f"({small['steps'] * small['batch'] * small['seq'] / small['train_chars']:.1f} passes over it); "
+                     "the best validation point is evaluated (early stopping).")
     if probe:
         lines.append(f"Probe: sequences of {probe['seq']} random symbols (16), each token also carrying k in 5..9 for its "
-                     f"sequence; target at position t >= k is the symbol at t - k. {probe['steps']} steps of "
-                     f"{probe['batch']} fresh sequences; accuracy on 512 fixed test sequences (chance 1/16).")
+                     f"sequence; target at position t >= k is the symbol at t - k. Up to {probe['steps']} steps of "
+                     f"{probe['batch']} fresh sequences, stopping once two curve points reach {SOLVED}; accuracy on 512 "
+                     "fixed test sequences (chance 1/16).")
+    lines.append(f"Converged: a run whose last quarter of training improved its best validation bits per character by "
+                 f"less than {FLAT_BPC} (the probe: solved, or accuracy up by less than {FLAT_ACCURACY}). Ties: a "
+                 "difference is read only where the seeds' ranges [min, max] do not overlap; **best** marks the best "
+                 "mean of a column, (tie) a scheme whose range overlaps the best one's.")
     return lines
 
 
 def main():
     out = Path(sys.argv[1])
     command = sys.argv[2] if len(sys.argv) > 2 else "bash scripts/bench-quality.sh"
+    quick = "QUICK=1" in command
     runs = load_runs(out)
     if not runs:
         sys.exit(f"report.py: no runs in {out / 'runs'}")
     last_run = max(path.stat().st_mtime for path in (out / "runs").glob("*.json"))  # when the run ended
     date = datetime.datetime.fromtimestamp(last_run, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     seeds = sorted({r["seed"] for group in runs.values() for r in group})
+    kind = "QUICK run: a smoke test, not an answer" if quick else "full run"
+    footer = f"{kind} | {date} | {machine()} | commit {commit()} | {command}"
 
     plot_text_panels(runs, out, "extrapolation.png", "Train at 64, test longer", lambda r: r["eval_lengths"],
                      lambda r: r["eval_bpc"], "evaluation length (characters, log scale)", "held-out bits per character",
-                     log_x=True)
-    plot_text_panels(runs, out, "learning_curves.png", "Learning curves", lambda r: np.array(r["curve_x"]) / 1e3,
-                     lambda r: r["curve_y"], "training characters seen (thousands)",
-                     "held-out bits per character at length 64", log_x=False)
-    plot_probe(runs, out)
-    plot_biases(runs, out, "text", "biases_text.png", log_x=True)
-    plot_biases(runs, out, "probe", "biases_probe.png", log_x=False)
-    plot_losses(runs, out)
+                     True, footer)
+    plot_text_panels(runs, out, "learning_curves.png", "Learning curves", lambda r: np.array(r["curve_x"]) / 1e6,
+                     lambda r: r["curve_y"], "training characters seen (millions)",
+                     "validation bits per character at length 64", False, footer, zoom_first=3)
+    plot_probe(runs, out, footer)
+    plot_biases(runs, out, "text", "biases_text.png", True, footer)
+    plot_biases(runs, out, "probe", "biases_probe.png", False, footer)
+    plot_losses(runs, out, footer)
 
-    body = [f"Command: `{command}`; {date}; {machine()}; seeds {', '.join(map(str, seeds))} "
+    answer_lines = answer(runs)
+    body = [f"Command: `{command}`; {date}; {machine()}; commit {commit()}; seeds {', '.join(map(str, seeds))} "
             "(each cell: mean [min, max] over seeds).", ""]
+    if quick:
+        body += ["**A quick run: a smoke test of the pipeline, far from converged. Its numbers answer nothing.**", ""]
+    body += ["#### The answer of this run", ""] + [f"- {line}" for line in answer_lines] + [""]
     body += setup_lines(runs)
     body += ["", "#### Held-out bits per character, trained at length 64 on all training files", ""]
     body += text_table(runs, "text")
     body += ["", "#### The same, trained on every 20th record (small data)", ""]
     body += text_table(runs, "small")
-    body += ["", "#### Learning curves: held-out bits per character at length 64", ""]
-    body += curve_table(runs, "text", "characters", 3)
+    body += ["", "#### Probe: copy the symbol k back", ""]
+    body += probe_table(runs)
+    body += ["", "#### Convergence: what the last quarter of training still gained", "", "All training files:", ""]
+    body += convergence_table(runs, "text", False)
     body += ["", "Small data:", ""]
-    body += curve_table(runs, "small", "characters", 3)
-    body += ["", "#### Probe: accuracy against training sequences seen", ""]
-    body += curve_table(runs, "probe", "sequences", 3)
+    body += convergence_table(runs, "small", False)
+    body += ["", "Probe:", ""]
+    body += convergence_table(runs, "probe", True)
+    check = budget_check(runs)
+    if check:
+        body += ["", "#### Budget check: the same training, four times longer", ""] + check
+    body += ["", "#### The training step: cost against the machine's peak", ""]
+    body += speed_lines(runs)
     body += ["", "![bits per character against evaluation length](results/quality/extrapolation.png)",
              "![learning curves](results/quality/learning_curves.png)",
              "![probe accuracy](results/quality/probe.png)",
@@ -290,8 +527,8 @@ def main():
              "![every run's training loss](results/quality/loss_curves.png)"]
 
     (out / "quality.md").write_text("# relbias quality benchmark\n\n" + "\n".join(body).replace("results/quality/", "") + "\n")
-    (out / "summary.json").write_text(json.dumps({"command": command, "date": date, "machine": machine(),
-                                                  "seeds": seeds, "schemes": summary(runs)}, indent=1) + "\n")
+    (out / "summary.json").write_text(json.dumps({"command": command, "date": date, "machine": machine(), "commit": commit(),
+                                                  "seeds": seeds, **summary(runs, answer_lines, quick)}, indent=1) + "\n")
     print(f"wrote {out / 'quality.md'}, {out / 'summary.json'} and the plots")
 
     readme = out.parent.parent / "README.md"
