@@ -38,6 +38,9 @@ auto with_scheme(const std::string& name, index_t heads, index_t train_length, i
   }
   if (name == "per_offset") return fn(relbias::per_offset<float>(heads, masking::causal, train_length));
   if (name == "fire") return fn(relbias::fire<float>(heads, seed));
+  // Heuristic, nothing to train. NeMo's language_model.py passes the head dimension as the
+  // sinusoid dimension (hidden_size // num_attention_heads): d_model 64 over 4 heads gives d = 16.
+  if (name == "sandwich") return fn(relbias::sandwich<float>(heads, d_model / heads));
   throw std::invalid_argument("quality::with_scheme: unknown scheme '" + name + "'");
 }
 

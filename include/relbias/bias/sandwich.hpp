@@ -44,7 +44,7 @@ namespace relbias {
 ///   bias(h, i, j) = (sum_{k=1}^{d/2} cos(|i - j| / 10000^(2k/d)) - d/2) * H / (8 (h + 1))
 ///   d: the sinusoid dimension (NeMo: the head dimension); 0 at i == j, <= 0 elsewhere, not monotone
 /// Learned params: none | Cost: d/2 sines per offset (tabulated per call) | Valid: H >= 1, d even >= 2
-/// Example: relbias::sandwich<double> b{8, 64};  b(0, 5, 2) == -4.422979001070377 (head 0: divisor 1)
+/// Example: relbias::sandwich<double> b{8, 64};  b(0, 5, 2) == -4.42297900107037 (to 1e-14)
 template <std::floating_point Scalar>
 class sandwich {
  public:
