@@ -1,9 +1,10 @@
 #pragma once
 // Sandwich: the inner product of two sinusoidal position embeddings as a parameter-free bias.
 // Sources: Chi, Fan, Rudnicky, Ramadge, "Dissecting Transformer Length Extrapolation via the Lens
-//   of Receptive Field Analysis" (ACL 2023, arXiv 2212.10356), the section that introduces
-//   Sandwich: p_m . p_n = sum_{k=1}^{d/2} cos((m - n) / 10000^(2k/d)), with the per-head
-//   compression h_n = n * 8 / H (n = 1 .. H) that Figure 1's caption gives for ALiBi;
+//   of Receptive Field Analysis" (ACL 2023, arXiv 2212.10356): Sandwich is the inner product of
+//   the sinusoidal embeddings of the two positions, p_m . p_n = sum_k cos((m - n) w_k) (abstract),
+//   compressed per head by ALiBi's h_n = n * 8 / H, n = 1 .. H
+//   (Figure 1's caption);
 //   NVIDIA/NeMo nemo/collections/nlp/modules/common/megatron/position_embedding/
 //   sandwich_relative_position_embedding.py (SandwichRelativePositionEmbedding.forward, added in
 //   NeMo PR #6666), and language_model.py, which constructs it with hidden_size = the head
@@ -13,12 +14,11 @@
 //   bias(h, i, j) = (sum_{k=1}^{d/2} cos(|i - j| * 10000^(-2k/d)) - d/2) / ((h + 1) * 8 / H)
 // * The frequencies run over k = 1 .. d/2 (torch.arange(1, d/2 + 1)), not Vaswani's 0 .. d/2 - 1:
 //   the fastest is 10000^(-2/d), the slowest exactly 1e-4.
-// * d is a parameter: the paper treats the embedding dimension as Sandwich's own hyperparameter,
-//   NeMo sets it to the head dimension. There is no default: pass your model's head dimension to
-//   do what NeMo does.
-// * d/2 is subtracted, so the bias is 0 at i == j and <= 0 elsewhere. Where the paper and NeMo
-//   differ on this constant it does not matter: a per-head constant cancels in the softmax.
-//   We keep it because it keeps the bias near zero where float has most precision.
+// * d is a parameter with no default: NeMo sets it to the head dimension, so pass your model's
+//   head dimension to do what NeMo does (the paper's choice of d could not be checked here).
+// * d/2 is subtracted, so the bias is 0 at i == j and <= 0 elsewhere. Whether or not the paper
+//   subtracts it, the attention is the same: a per-head constant cancels in the softmax. We keep
+//   it because it keeps the bias near zero, where float has most precision.
 // * Sign and scale: the sum is divided by h_n = 8 n / H for head n = h + 1 (head 0 keeps the
 //   sharpest bias, as ALiBi's first head has the steepest slope).
 // * Masking: NeMo builds |i - j| (build_relative_position) and, for causal attention, zeroes the
@@ -27,8 +27,9 @@
 // * Arithmetic: NeMo computes in float32 on the device. We compute in double and round once to
 //   Scalar, and evaluate cos(x) - 1 as -2 sin^2(x / 2): for small |i - j| the sum of cosines and
 //   d/2 agree in most digits, and the subtraction would cancel them.
-// The paper's own text could not be read in this session (only its abstract and Figure 1's caption
-// were reachable); the formula above is checked against NeMo's code, which cites the paper.
+// Verified: every constant above against NeMo's code (which cites the paper). Not verified: the
+// paper's Sandwich equation itself (its index range of k, whether it subtracts d/2); only the
+// abstract and Figure 1's caption could be read when this was written.
 
 #include "relbias/concepts.hpp"
 
