@@ -7,6 +7,7 @@
 #include <relbias/bias/kerple.hpp>
 #include <relbias/bias/none.hpp>
 #include <relbias/bias/per_offset.hpp>
+#include <relbias/bias/sandwich.hpp>
 #include <relbias/bias/t5.hpp>
 #include <relbias/detail/random.hpp>
 #include <relbias/tensor.hpp>
@@ -48,6 +49,9 @@ template <>
 inline relbias::kerple_log<float> make_bias(masking) { return relbias::kerple_log<float>{heads, 1}; }
 template <>
 inline relbias::fire<float> make_bias(masking) { return relbias::fire<float>{heads, 1}; }
+// As NeMo builds it: the sinusoid dimension is the head dimension.
+template <>
+inline relbias::sandwich<float> make_bias(masking) { return relbias::sandwich<float>{heads, dim}; }
 
 /// [1, seq, heads, dim] of uniform values in [-1, 1).
 inline relbias::tensor<float> random_input(index_t seq, index_t num_heads, std::uint64_t seed) {
@@ -76,6 +80,7 @@ void for_each_policy(Visitor&& visit) {
   visit.template operator()<relbias::kerple_power<float>>("kerple_power");
   visit.template operator()<relbias::kerple_log<float>>("kerple_log");
   visit.template operator()<relbias::fire<float>>("fire");
+  visit.template operator()<relbias::sandwich<float>>("sandwich");
 }
 
 /// main() of the one-shot tools (bench_memory, bench_once): `tool <policy> <L> <forward|backward>`

@@ -8,6 +8,7 @@
 #include <relbias/bias/fire.hpp>
 #include <relbias/bias/kerple.hpp>
 #include <relbias/bias/none.hpp>
+#include <relbias/bias/sandwich.hpp>
 
 #include <cmath>
 #include <vector>
@@ -73,10 +74,12 @@ TEMPLATE_TEST_CASE("attention: fused matches reference across tile edges", "[att
 TEMPLATE_TEST_CASE("attention: fused matches reference with default tiles", "[attention]", float, double) {
   using S = TestType;
   const alibi<S> bias{2};
+  const sandwich<S> sinusoid{2, 8};
   for (masking mask : {masking::bidirectional, masking::causal})
     for (index_t length : {63, 64, 65, 255, 256, 257}) {
       INFO("mask=" << int(mask) << " length=" << length);
       CHECK(fused_vs_reference(bias, {.lq = length, .lk = length}, attention_options<S>{.mask = mask}) < tolerance<S>());
+      CHECK(fused_vs_reference(sinusoid, {.lq = length, .lk = length}, attention_options<S>{.mask = mask}) < tolerance<S>());
     }
 }
 
@@ -88,6 +91,8 @@ TEMPLATE_TEST_CASE("attention: offsets, GQA, batches and policies", "[attention]
     const attention_options<S> shifted{.mask = mask, .q_start = 100, .k_start = 95};
     CHECK(fused_vs_reference(no_bias<S>{4}, gqa, decode, {.rows = 4, .cols = 8}) < tolerance<S>());
     CHECK(fused_vs_reference(alibi<S>{4}, gqa, shifted, {.rows = 4, .cols = 8}) < tolerance<S>());
+    CHECK(fused_vs_reference(sandwich<S>{4, 8}, gqa, shifted, {.rows = 4, .cols = 8}) < tolerance<S>());
+    CHECK(fused_vs_reference(sandwich<S>{4, 16}, gqa, decode) < tolerance<S>());
     CHECK(fused_vs_reference(wave_bias<S>{4}, gqa, decode, {.rows = 4, .cols = 8}) < tolerance<S>());
     CHECK(fused_vs_reference(wave_bias<S>{4}, {.lq = 1, .lk = 40, .hq = 4, .hk = 1}, decode) < tolerance<S>());
   }
@@ -117,6 +122,7 @@ TEMPLATE_TEST_CASE("attention: decoding over a long cache fills the offset table
   const attention_options<S> options{.mask = masking::causal, .q_start = kv_cache_q_start(c.lq, c.lk), .num_threads = 2};
   CHECK(fused_vs_reference(kerple_power<S>{4, 11}, c, options) < tolerance<S>());  // fill_offsets
   CHECK(fused_vs_reference(alibi<S>{4}, c, options) < tolerance<S>());             // at_offset per offset
+  CHECK(fused_vs_reference(sandwich<S>{4, 16}, c, options) < tolerance<S>());      // at_offset per offset
 }
 
 TEST_CASE("attention: rows that see no key give O = 0 and lse = -inf", "[attention]") {

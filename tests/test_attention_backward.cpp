@@ -11,6 +11,7 @@
 #include <relbias/bias/kerple.hpp>
 #include <relbias/bias/none.hpp>
 #include <relbias/bias/per_offset.hpp>
+#include <relbias/bias/sandwich.hpp>
 #include <relbias/bias/t5.hpp>
 
 #include <cmath>
@@ -122,8 +123,10 @@ TEMPLATE_TEST_CASE("attention_backward: default tiles, offsets, GQA and every ki
     CHECK(fused_vs_reference(no_bias<S>{4}, gqa, decode, {.rows = 4, .cols = 8}) < tolerance<S>());
     CHECK(fused_vs_reference(alibi<S>{4}, gqa, shifted, {.rows = 4, .cols = 8}) < tolerance<S>());
     CHECK(fused_vs_reference(alibi<S, true>{4}, gqa, shifted, {.rows = 4, .cols = 8}) < tolerance<S>());
+    CHECK(fused_vs_reference(sandwich<S>{4, 8}, gqa, shifted, {.rows = 4, .cols = 8}) < tolerance<S>());
     CHECK(fused_vs_reference(learned_wave<S>{4}, gqa, decode, {.rows = 4, .cols = 8}) < tolerance<S>());
     CHECK(fused_vs_reference(alibi<S, true>{2}, {.lq = 130, .lk = 257}, attention_options<S>{.mask = mask}) < tolerance<S>());
+    CHECK(fused_vs_reference(sandwich<S>{2, 16}, {.lq = 130, .lk = 257}, attention_options<S>{.mask = mask}) < tolerance<S>());
   }
 }
 

@@ -20,8 +20,8 @@
 
 namespace quality {
 
-inline const std::vector<std::string> scheme_names = {"no_bias", "alibi",      "kerple_power", "kerple_log",
-                                                      "t5",      "per_offset", "fire",  "fire_train_L"};
+inline const std::vector<std::string> scheme_names = {"no_bias",    "alibi", "sandwich", "kerple_power", "kerple_log",
+                                                      "t5",         "per_offset", "fire", "fire_train_L"};
 
 /// Calls fn(policy) with the scheme's policy (float, causal, H heads), initialised as its
 /// reference does: T5 HF's normal(0, d_model^-0.5), per-offset zeros clipped at the training
@@ -44,6 +44,9 @@ auto with_scheme(const std::string& name, index_t heads, index_t train_length, i
   if (name == "per_offset") return fn(relbias::per_offset<float>(heads, masking::causal, train_length));
   if (name == "fire") return fn(relbias::fire<float>(heads, seed));
   if (name == "fire_train_L") return fn(relbias::fire<float>(heads, seed, {.init_L = double(train_length)}));
+  // Heuristic, nothing to train. NeMo's language_model.py passes the head dimension as the
+  // sinusoid dimension (hidden_size // num_attention_heads): d_model 64 over 4 heads gives d = 16.
+  if (name == "sandwich") return fn(relbias::sandwich<float>(heads, d_model / heads));
   throw std::invalid_argument("quality::with_scheme: unknown scheme '" + name + "'");
 }
 

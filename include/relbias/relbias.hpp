@@ -14,6 +14,7 @@
 #include "relbias/bias/kerple.hpp"
 #include "relbias/bias/none.hpp"
 #include "relbias/bias/per_offset.hpp"
+#include "relbias/bias/sandwich.hpp"
 #include "relbias/bias/t5.hpp"
 
 // Kernels
