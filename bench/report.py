@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 NAME = re.compile(r"^(?P<pass>\w+)/(?P<policy>[\w/]+?)/(?P<args>\w+:.*?)(/min_time:[\d.]+)?/real_time$")
 FLOPS = "useful FLOPs: 4·Lq·Lk·d per head, half of that for causal (only the visible pairs)"
-POLICY_ORDER = ["none", "alibi", "t5", "per_offset", "kerple_power", "kerple_log", "fire", "reference/none"]
+POLICY_ORDER = ["none", "alibi", "sandwich", "t5", "per_offset", "kerple_power", "kerple_log", "fire", "reference/none"]
 MODES = {0: "bidirectional", 1: "causal"}
 COLORS = dict(zip(POLICY_ORDER, plt.get_cmap("tab10").colors))
 

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -70,6 +71,7 @@ TEST_CASE("quality model: gradients match finite differences for every scheme", 
   using relbias::masking;
   SECTION("no_bias, every other weight") { check_model_gradient(relbias::no_bias<double>(tiny.heads), 2); }
   SECTION("alibi") { check_model_gradient(relbias::alibi<double>(tiny.heads), 7); }
+  SECTION("sandwich") { check_model_gradient(relbias::sandwich<double>(tiny.heads, 4), 7); }
   SECTION("kerple_power") { check_model_gradient(relbias::kerple_power<double>(tiny.heads, 3), 7); }
   SECTION("kerple_log") { check_model_gradient(relbias::kerple_log<double>(tiny.heads, 3), 7); }
   SECTION("t5") {
@@ -117,7 +119,8 @@ TEST_CASE("quality model: every scheme's held-out loss drops and stays finite on
       const double before = e.bits_per_char(corpus.held_out, held_out_chars, config.seq);
       relbias::detail::random_stream data_order(1);
       for (index_t step = 0; step < steps; ++step) {
-        const float loss = e.train_step(quality::sample_text(corpus.train, config.batch, config.seq, data_order));
+        const float loss =
+            e.train_step(quality::sample_text(corpus.train, config.batch, config.seq, data_order), config.learning_rate);
         REQUIRE(std::isfinite(loss));
       }
       const double after = e.bits_per_char(corpus.held_out, held_out_chars, config.seq);
@@ -128,4 +131,48 @@ TEST_CASE("quality model: every scheme's held-out loss drops and stays finite on
       CHECK(after_long < before);
     });
   }
+}
+
+TEST_CASE("quality model: GELU in Eigen's float packets matches the tanh formula in double", "[quality]") {
+  quality::matrix<float> x(3, 37);  // 37 columns: full packets and a remainder
+  for (index_t r = 0; r < x.rows(); ++r)
+    for (index_t c = 0; c < x.cols(); ++c) x(r, c) = -6.0f + 12.0f * float(r * x.cols() + c) / float(x.size());
+  quality::matrix<float> activation, derivative;
+  quality::gelu(x, activation, derivative);
+  for (index_t r = 0; r < x.rows(); ++r)
+    for (index_t c = 0; c < x.cols(); ++c) {
+      const double u = x(r, c), k = 0.7978845608028654, a = 0.044715;
+      const double t = std::tanh(k * (u + a * u * u * u));
+      const double slope = 0.5 * (1 + t) + 0.5 * u * (1 - t * t) * k * (1 + 3 * a * u * u);
+      CHECK(activation(r, c) == Approx(0.5 * u * (1 + t)).margin(1e-6).epsilon(1e-5));
+      CHECK(derivative(r, c) == Approx(slope).margin(1e-6).epsilon(1e-5));
+    }
+}
+
+TEST_CASE("quality benchmark: warm-up then cosine decay, the same for every scheme", "[quality]") {
+  quality::run_config c;
+  c.steps = 1000, c.learning_rate = 1e-2f, c.warmup_fraction = 0.05f, c.final_lr_fraction = 0.1f;
+  CHECK(quality::scheduled_learning_rate(c, 0) == Approx(1e-2 / 50));   // warm-up: 50 steps, linear
+  CHECK(quality::scheduled_learning_rate(c, 49) == Approx(1e-2));
+  CHECK(quality::scheduled_learning_rate(c, 50) == Approx(1e-2));       // the cosine starts at the peak
+  CHECK(quality::scheduled_learning_rate(c, 525) == Approx(0.55e-2));   // halfway: the mean of peak and floor
+  CHECK(quality::scheduled_learning_rate(c, 1000) == Approx(1e-3));     // the floor, 10 % of the peak
+}
+
+TEST_CASE("quality benchmark: validation from the held-out tail, test from its head, apart when they fit",
+          "[quality]") {
+  quality::run_config c;  // curve 8192, final 32768, longest length 16 x 64
+  std::vector<int> held_out(50000);
+  std::iota(held_out.begin(), held_out.end(), 0);
+  quality::held_out_slices s = quality::slice_held_out(held_out, c);
+  CHECK(s.validation.size() == 8193);
+  CHECK(s.validation.back() == 49999);
+  CHECK(s.test.size() == 32769);
+  CHECK(s.test.front() == 0);
+  CHECK_FALSE(s.overlap);
+
+  held_out.resize(9000);  // too short for both: the test slice overlaps the validation slice
+  s = quality::slice_held_out(held_out, c);
+  CHECK(s.overlap);
+  CHECK(s.test.size() == 9000);
 }
