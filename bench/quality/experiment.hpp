@@ -123,6 +123,7 @@ struct run_result {
   bool validation_overlaps_test = false;         // held-out text too short for separate slices
   std::vector<index_t> eval_lengths;
   std::vector<double> eval_bpc;                  // text: bits per character at each length
+  std::vector<index_t> eval_scored_chars;        // text: characters scored at each length (whole windows)
   double probe_accuracy = 0;                     // probe: accuracy of the best weights
   std::vector<std::vector<double>> bias_by_distance;  // [head][distance]: b(h, i, i - d)
   index_t bias_query_position = 0;
@@ -290,6 +291,7 @@ run_result run(const run_config& config, Bias bias, const text_corpus* corpus) {
     for (index_t m : config.eval_multiples) {
       r.eval_lengths.push_back(m * config.seq);
       r.eval_bpc.push_back(e.bits_per_char(slices.test, index_t(slices.test.size()) - 1, m * config.seq));
+      r.eval_scored_chars.push_back(scored_tokens(index_t(slices.test.size()), config.final_eval_chars, m * config.seq));
     }
     r.bias_query_position = config.eval_multiples.back() * config.seq - 1;
   } else {

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Runs every quality-benchmark training run (every scheme, three seeds), two processes at a time.
 
-    python3 bench/quality/run.py BENCH_QUALITY_EXECUTABLE OUT_DIR [--quick | --long]
+    python3 bench/quality/run.py BENCH_QUALITY_EXECUTABLE OUT_DIR [--quick | --long] [-- TEXT_ARGS...]
+
+TEXT_ARGS (e.g. --corpus DIR --held-out-fraction 0.1) go to every run of the text task.
 
 Writes OUT_DIR/runs/<task>_<scheme>_s<seed>.json (one per run; --long: OUT_DIR/long/) and prints, after each run, what
 finished, how long it took and an estimate of the time left. Every run is one process with
@@ -51,7 +53,9 @@ def jobs(kind):
 
 def main():
     executable, out = sys.argv[1], Path(sys.argv[2])
-    kind = "quick" if "--quick" in sys.argv else "long" if "--long" in sys.argv else "full"
+    cut = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
+    text_args = sys.argv[cut + 1:]
+    kind = "quick" if "--quick" in sys.argv[:cut] else "long" if "--long" in sys.argv[:cut] else "full"
     runs = out / ("long" if kind == "long" else "runs")
     runs.mkdir(parents=True, exist_ok=True)
     todo = jobs(kind)
@@ -66,7 +70,8 @@ def main():
         path = runs / f"{name}_{scheme}_s{seed}.json"
         t0 = time.time()
         result = subprocess.run([executable, "--task", task, "--scheme", scheme, "--seed", str(seed),
-                                 "--out", str(path), *extra], env=env, capture_output=True, text=True)
+                                 "--out", str(path), *extra,
+                                 *(text_args if task == "text" else [])], env=env, capture_output=True, text=True)
         (runs / f"{name}_{scheme}_s{seed}.log").write_text(result.stdout + result.stderr)
         if result.returncode != 0:
             raise RuntimeError(f"{name} {scheme} seed {seed} failed:\n{result.stderr}")
