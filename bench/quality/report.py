@@ -367,7 +367,9 @@ def best_sentence(groups, value_of, what, lower_is_better=True, digits=3):
         return None
     mean = np.mean([value_of(r) for r in groups[best]])
     text = f"{what}: **{best}** ({mean:.{digits}f})"
-    if ties:
+    if len(groups[best]) < 2:
+        text += "; one seed, so no spread to tell a difference from noise"
+    elif ties:
         text += "; within the seed spread of it: " + ", ".join(
             f"{s} ({np.mean([value_of(r) for r in groups[s]]):.{digits}f})" for s in ties)
     else:
@@ -446,8 +448,11 @@ def setup_lines(runs):
                      f"{text['final_lr_fraction']:.0%} of the peak: the same for every scheme. Float, relbias's fused forward "
                      "and backward, one thread per run, two runs at a time. CPU ms/step: the process's CPU time per step "
                      "(forward, backward, Adam).")
-        lines.append(f"Text: {text.get('corpus', 'Debian fortunes')}, {text['train_chars']:,} training characters; held out "
-                     f"{', '.join(text['held_out_files']) or 'a tail'} ({text['held_out_chars']:,} characters). The learning "
+        corpus = ", ".join(text.get("corpus", ["/usr/share/games/fortunes"]))
+        symbols = "bytes" if text["vocab"] == 256 else "characters"
+        lines.append(f"Text: `{corpus}` ({text.get('corpus_bytes', 0):,} bytes), read as {symbols} ({text['vocab']} symbols); "
+                     f"split: {text.get('split', 'fortune files ' + ', '.join(text['held_out_files']))}: "
+                     f"{text['train_chars']:,} training {symbols}, {text['held_out_chars']:,} held out. The learning "
                      f"curve and the choice of the weights evaluated (the best curve point) use the last "
                      f"{text['curve_eval_chars']:,} held-out characters (validation); the final numbers score the first "
                      f"{text['final_eval_chars']:,} (test){' — overlapping: the held-out text is short' if text['validation_overlaps_test'] else ''}, "
@@ -501,7 +506,7 @@ def main():
     if quick:
         body += ["**A quick run: a smoke test of the pipeline, far from converged. Its numbers answer nothing.**", ""]
     body += ["#### The answer of this run", ""] + [f"- {line}" for line in answer_lines] + [""]
-    body += setup_lines(runs)
+    body += [f"- {line}" for line in setup_lines(runs)]
     body += ["", "#### Held-out bits per character, trained at length 64 on all training files", ""]
     body += text_table(runs, "text")
     body += ["", "#### The same, trained on every 20th record (small data)", ""]
