@@ -166,12 +166,14 @@ struct query_tile {
 };
 
 /// Every query tile of every sequence, those that see the most keys first (dynamic scheduling
-/// then balances causal and uneven batches). Tiles restart at each sequence's first row, so a
-/// sequence is cut exactly as it would be alone.
-inline std::vector<query_tile> query_tiles(const batch_layout& layout, index_t tile_rows) {
+/// then balances causal and uneven batches). Tiles restart at each sequence's first row and
+/// tile_rows(s) looks at that sequence only, so a sequence is cut exactly as it would be alone.
+template <class TileRows>  // index_t(const sequence&)
+std::vector<query_tile> query_tiles(const batch_layout& layout, TileRows tile_rows_of) {
   std::vector<query_tile> tiles;
   for (std::size_t n = 0; n < layout.sequences.size(); ++n) {
     const sequence& s = layout.sequences[n];
+    const index_t tile_rows = tile_rows_of(s);
     for (index_t r0 = 0; r0 < s.q_length; r0 += tile_rows) {
       const index_t rows = std::min(tile_rows, s.q_length - r0);
       tiles.push_back({n, r0, rows, visible_key_columns(layout.band, s, r0, rows)});
@@ -179,6 +181,10 @@ inline std::vector<query_tile> query_tiles(const batch_layout& layout, index_t t
   }
   std::stable_sort(tiles.begin(), tiles.end(), [](const query_tile& a, const query_tile& b) { return a.keys.size() > b.keys.size(); });
   return tiles;
+}
+
+inline std::vector<query_tile> query_tiles(const batch_layout& layout, index_t tile_rows) {
+  return query_tiles(layout, [=](const sequence&) { return tile_rows; });
 }
 
 }  // namespace relbias::detail
