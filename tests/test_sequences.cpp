@@ -494,3 +494,45 @@ TEMPLATE_TEST_CASE("sequences: a padded prefill gives each sequence the bits it 
       }
     });
 }
+
+TEST_CASE("sequences: options own the list a builder returns", "[sequences][promises]") {
+  // The natural line: the builder's temporary is gone after it (a span kept it: ASan reported a
+  // heap-use-after-free in detail/layout.hpp).
+  const std::vector<index_t> lengths{6, 3};
+  attention_options<float> options{.mask = masking::causal};
+  options.sequences = padded_sequences(lengths, 6, padding::left);
+  const std::vector<std::vector<sequence>> reuse(16, std::vector<sequence>(2, sequence{.batch = 7, .q_begin = 9}));
+  REQUIRE(options.sequences.size() == 2);
+  CHECK((options.sequences[1].batch == 1 && options.sequences[1].q_begin == 3 && options.sequences[1].q_length == 3 &&
+         options.sequences[1].k_begin == 3 && options.sequences[1].k_length == 3));
+  const auto q = random_tensor<float>(2, 6, 2, 4, 51), k = random_tensor<float>(2, 6, 2, 4, 52), v = random_tensor<float>(2, 6, 2, 4, 53);
+  const alibi<float> bias{2};
+  const std::vector<sequence> kept = padded_sequences(lengths, 6, padding::left);
+  attention_options<float> with_kept{.mask = masking::causal};
+  with_kept.sequences = kept;
+  const auto got = attention(q.view(), k.view(), v.view(), bias, options), expected = attention(q.view(), k.view(), v.view(), bias, with_kept);
+  CHECK(rows_error(got.out, 1, 0, expected.out, 1, 0, 6) == 0);
+  CHECK(rows_error(got.out, 0, 0, expected.out, 0, 0, 6) == 0);
+}
+
+TEST_CASE("sequences: errors name the array the builder was given", "[sequences][promises]") {
+  using Catch::Contains;
+  const auto q = random_tensor<float>(2, 6, 2, 4, 61), k = random_tensor<float>(2, 8, 2, 4, 62), v = random_tensor<float>(2, 8, 2, 4, 63);
+  const alibi<float> bias{2};
+  auto forward = [&](sequence_list batch) {
+    const attention_options<float> options{.sequences = std::move(batch)};
+    return attention(q.view(), k.view(), v.view(), bias, options);
+  };
+  const std::vector<index_t> three{6, 6, 6}, one{6}, cu{0, 4, 9}, cached{9, 0};
+  CHECK_THROWS_WITH(forward(padded_sequences(three, 6)), Contains("lengths has 3 entries") && Contains("q holds 2 batch elements") &&
+                                                             !Contains("options.sequences"));
+  CHECK_THROWS_WITH(forward(padded_sequences(one, 6)), Contains("batch element 1 of 2 holds no sequence (lengths has 1 entries"));
+  const auto q1 = random_tensor<float>(1, 6, 2, 4, 64), k1 = random_tensor<float>(1, 8, 2, 4, 65), v1 = random_tensor<float>(1, 8, 2, 4, 66);
+  const attention_options<float> packed{.sequences = packed_sequences(cu)};
+  CHECK_THROWS_WITH(attention(q1.view(), k1.view(), v1.view(), bias, packed),
+                    Contains("cu_seqlens[2] = 9: query rows [4, 9) exceed q.seq = 6") && !Contains("options.sequences"));
+  const std::vector<index_t> cu_q{0, 2, 6}, cu_k{0, 4, 10};
+  const attention_options<float> cross{.sequences = packed_sequences(cu_q, cu_k)};
+  CHECK_THROWS_WITH(attention(q1.view(), k1.view(), v1.view(), bias, cross), Contains("cu_seqlens_k[2] = 10: key rows [4, 10) exceed k.seq"));
+  CHECK_THROWS_WITH(forward(decoding_sequences(cached, 1, 9)), Contains("key_lengths[0] = 9: key rows [0, 9) exceed k.seq"));
+}
