@@ -536,3 +536,25 @@ TEST_CASE("sequences: errors name the array the builder was given", "[sequences]
   CHECK_THROWS_WITH(attention(q1.view(), k1.view(), v1.view(), bias, cross), Contains("cu_seqlens_k[2] = 10: key rows [4, 10) exceed k.seq"));
   CHECK_THROWS_WITH(forward(decoding_sequences(cached, 1, 9)), Contains("key_lengths[0] = 9: key rows [0, 9) exceed k.seq"));
 }
+
+TEMPLATE_TEST_CASE("sequences: a NaN value reaches the rows that see its key and their strip, no other row", "[sequences][promises]",
+                   float, double) {
+  using S = TestType;
+  // Causal, window 4: key 5 is seen by rows 5 .. 8. A NaN in its value makes those rows NaN, and
+  // may make the other rows of their 8-row strips NaN (P V multiplies their weight 0 by it:
+  // README, "Errors"); rows of other strips stay finite. A NaN in its key stays in its rows.
+  const index_t length = 24;
+  const auto q = random_tensor<S>(1, length, heads, dim, 71);
+  for (bool in_value : {true, false}) {
+    auto k = random_tensor<S>(1, length, kv_heads, dim, 72), v = random_tensor<S>(1, length, kv_heads, dim_v, 73);
+    (in_value ? v : k).view().rows(0, 0, 5, 1).setConstant(std::numeric_limits<S>::quiet_NaN());
+    const attention_options<S> options{.mask = masking::causal, .sliding_window = 4, .num_threads = 1};
+    const auto got = attention(q.view(), k.view(), v.view(), alibi<S>{heads}, options);
+    auto row_has_nan = [&](index_t r) { return got.out.view().rows(0, 0, r, 1).hasNaN(); };
+    INFO((in_value ? "NaN in v" : "NaN in k"));
+    for (index_t r = 5; r <= 8; ++r) CHECK(row_has_nan(r));
+    for (index_t r = 16; r < length; ++r) CHECK_FALSE(row_has_nan(r));
+    if (!in_value)
+      for (index_t r : {0, 1, 2, 3, 4, 9, 10, 15}) CHECK_FALSE(row_has_nan(r));
+  }
+}

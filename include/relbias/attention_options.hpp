@@ -18,8 +18,9 @@ namespace relbias {
 template <std::floating_point Scalar>
 struct attention_options {
   masking mask = masking::bidirectional;
-  // Sliding (local) attention: a query sees only keys at distance < window, causal i - w < j <= i
-  // (w keys, itself included), bidirectional |i - j| < w. Unset: no window. Must be >= 1.
+  // Sliding (local) attention: a query sees only keys at distance < window, itself included:
+  // causal i - w < j <= i (w keys), bidirectional |i - j| < w (up to 2w - 1 keys). Unset: no
+  // window. Must be >= 1.
   std::optional<index_t> sliding_window{};
   index_t q_start = 0;                  // absolute position of query row 0 (kv_cache_q_start for decoding)
   index_t k_start = 0;                  // absolute position of key row 0
