@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cstring>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -165,6 +166,10 @@ class kerple_policy {
   }
 
   index_t num_heads() const noexcept { return values_.size() / 2; }
+  /// What a parameter file records of the policy (train.hpp): "kerple_log(heads 8)".
+  std::string configuration() const {
+    return std::string(Kernel::name + std::strlen("relbias::")) + "(heads " + std::to_string(num_heads()) + ")";
+  }
 
   /// Bias of head h at offset delta = i - j (a function of |delta| only).
   Scalar at_offset(index_t h, index_t delta) const {
