@@ -1,7 +1,10 @@
 #include "catch.hpp"
 
 #include <relbias/bias/alibi.hpp>
+#include <relbias/bias/fire.hpp>
 #include <relbias/bias/kerple.hpp>
+#include <relbias/bias/per_offset.hpp>
+#include <relbias/bias/t5.hpp>
 #include <relbias/train.hpp>
 
 #include <algorithm>
@@ -206,7 +209,9 @@ TEST_CASE("train: parameter files round-trip bit for bit", "[train]") {
   alibi<double, true> loaded{4};
   load_parameters(loaded, dir.path / "alibi.bin");
   CHECK(loaded.parameters() == saved.parameters());
-  CHECK(read_bytes(dir.path / "alibi.bin").size() == sizeof(detail::parameter_header) + 4 * sizeof(double));
+  // header, the configuration's size and text, the payload
+  CHECK(read_bytes(dir.path / "alibi.bin").size() ==
+        sizeof(detail::parameter_header) + 4 + saved.configuration().size() + 4 * sizeof(double));
   CHECK_FALSE(std::filesystem::exists(dir.path / "alibi.bin.tmp"));
 
   nonnegative_slopes user{3};
@@ -233,14 +238,60 @@ TEST_CASE("train: files for another shape or scalar type are rejected, the polic
   alibi<double, true> fewer{2};
   const param_vector<double> fewer_before = fewer.parameters();
   const std::string count = message_of<std::invalid_argument>([&] { load_parameters(fewer, path); });
-  CHECK(contains(count, "four_doubles.bin holds 4 parameters of 8 bytes, the policy has 2 of 8 bytes"));
+  CHECK(contains(count, "four_doubles.bin: file holds alibi(heads 4, trainable); the policy is alibi(heads 2, trainable)"));
   CHECK(fewer.parameters() == fewer_before);
 
-  alibi<float, true> same_bytes{8};  // 8 floats: the payload has the same length, the type differs
-  const param_vector<float> floats_before = same_bytes.parameters();
-  const std::string scalar = message_of<std::invalid_argument>([&] { load_parameters(same_bytes, path); });
-  CHECK(contains(scalar, "holds 4 parameters of 8 bytes, the policy has 8 of 4 bytes"));
-  CHECK(same_bytes.parameters() == floats_before);
+  alibi<float, true> same_heads{4};  // the same configuration, another scalar type
+  const param_vector<float> floats_before = same_heads.parameters();
+  const std::string scalar = message_of<std::invalid_argument>([&] { load_parameters(same_heads, path); });
+  CHECK(contains(scalar, "holds 4 parameters of 8 bytes, the policy has 4 of 4 bytes"));
+  CHECK(same_heads.parameters() == floats_before);
+
+  nonnegative_slopes user{2};  // no configuration(): checked by count and scalar size
+  const std::string user_count = message_of<std::invalid_argument>([&] { load_parameters(user, path); });
+  CHECK(contains(user_count, "four_doubles.bin holds 4 parameters of 8 bytes, the policy has 2 of 8 bytes"));
+}
+
+TEST_CASE("train: a file written for another policy or shape is refused, naming both", "[train][promises]") {
+  const scratch_directory dir;
+  const auto path = dir.path / "policy.bin";
+  // Each pair has the same parameter count and scalar type: only the configuration tells them apart.
+  auto refused = [&](const auto& saved, auto target, const std::string& expected) {
+    REQUIRE(saved.parameters().size() == target.parameters().size());
+    save_parameters(saved, path);
+    const auto before = target.parameters().eval();
+    const std::string message = message_of<std::invalid_argument>([&] { load_parameters(target, path); });
+    CHECK(contains(message, expected));
+    CHECK(target.parameters() == before);
+  };
+  t5<float> t5_4{4, masking::causal};  // 32 buckets x 4 heads
+  t5_4.reset_parameters(1, 1.0);
+  refused(t5_4, t5<float>{2, masking::causal, 64},
+          "file holds t5(heads 4, buckets 32, max_distance 128, causal); the policy is t5(heads 2, buckets 64, max_distance 128, causal)");
+  refused(t5_4, t5<float>{4, masking::causal, 32, 256}, "the policy is t5(heads 4, buckets 32, max_distance 256, causal)");
+  refused(t5_4, t5<float>{4, masking::bidirectional}, "the policy is t5(heads 4, buckets 32, max_distance 128, bidirectional)");
+  refused(alibi<float, true>{8}, per_offset<float>{1, masking::causal, 7},
+          "file holds alibi(heads 8, trainable); the policy is per_offset(heads 1, clip 7, causal)");
+  refused(kerple_log<double>{3, 1}, kerple_power<double>{3, 1}, "file holds kerple_log(heads 3); the policy is kerple_power(heads 3)");
+  refused(fire<double>{2, 1, fire_config{.width = 8}}, fire<double>{2, 1, fire_config{.width = 8, .init_L = 256}},
+          "file holds fire(heads 2, width 8, init_L 512, eps 1e-06); the policy is fire(heads 2, width 8, init_L 256, eps 1e-06)");
+
+  // The same configuration loads; so does a version 1 file (no configuration recorded).
+  t5<float> same{4, masking::causal};
+  save_parameters(t5_4, path);
+  load_parameters(same, path);
+  CHECK(same.parameters() == t5_4.parameters());
+  std::vector<char> bytes = read_bytes(path);
+  const std::size_t header_size = sizeof(detail::parameter_header);
+  std::uint32_t configuration_size = 0;
+  std::memcpy(&configuration_size, bytes.data() + header_size, sizeof configuration_size);
+  bytes.erase(bytes.begin() + std::ptrdiff_t(header_size), bytes.begin() + std::ptrdiff_t(header_size + 4 + configuration_size));
+  const std::uint32_t version_1 = 1;
+  std::memcpy(bytes.data() + offsetof(detail::parameter_header, version), &version_1, sizeof version_1);
+  write_bytes(path, bytes);
+  t5<float> from_version_1{4, masking::causal};
+  load_parameters(from_version_1, path);
+  CHECK(from_version_1.parameters() == t5_4.parameters());
 }
 
 TEST_CASE("train: damaged parameter files throw std::runtime_error naming path and fault", "[train]") {
@@ -249,8 +300,9 @@ TEST_CASE("train: damaged parameter files throw std::runtime_error naming path a
   saved.parameters() << 0.5, 0.25, 0.125, 0.0625;
   save_parameters(saved, dir.path / "good.bin");
   const std::vector<char> good = read_bytes(dir.path / "good.bin");
-  const std::size_t header_size = sizeof(detail::parameter_header);
-  REQUIRE(good.size() == header_size + 4 * sizeof(double));
+  const std::string configuration = saved.configuration();
+  const std::size_t header_size = sizeof(detail::parameter_header), payload = header_size + 4 + configuration.size();
+  REQUIRE(good.size() == payload + 4 * sizeof(double));
 
   const auto damaged_path = dir.path / "damaged.bin";
   auto expect_damage = [&](const std::vector<char>& bytes, const std::string& fault) {
@@ -275,9 +327,13 @@ TEST_CASE("train: damaged parameter files throw std::runtime_error naming path a
   auto future_version = good;
   const std::uint32_t version = detail::parameter_format_version + 1;
   std::memcpy(future_version.data() + offsetof(detail::parameter_header, version), &version, sizeof version);
-  expect_damage(future_version, "format version 2, expected 1");
+  expect_damage(future_version, "format version 3, expected 1 to 2");
+  auto huge_configuration = good;
+  huge_configuration[header_size + 3] = 0x7f;  // its size field
+  expect_damage(huge_configuration, "damaged configuration");
+  expect_damage({good.begin(), good.begin() + std::ptrdiff_t(header_size + 6)}, "truncated configuration");
   auto flipped = good;
-  flipped[header_size + 11] ^= 0x10;  // one payload bit
+  flipped[payload + 11] ^= 0x10;  // one payload bit
   expect_damage(flipped, "checksum mismatch");
   auto wrong_checksum = good;
   wrong_checksum[offsetof(detail::parameter_header, checksum)] ^= 0x01;

@@ -37,20 +37,25 @@ namespace detail {
 /// and stay in L2 while the tile's query rows go past them a strip at a time; a strip's scores
 /// (block_rows x Bc: 8 KiB) stay in L1 from the product through the bias, the max and the exp.
 /// Every query row of a tile shares one packing of each key tile: at 256 rows and D = 64 packing
-/// still costs about a tenth of the products (forward_tiles takes 512 rows when the work allows).
+/// still costs about a tenth of the products, so long sequences take tall_rows (512).
 struct tile_shape {
-  index_t rows = 256;  // Br: queries per tile
-  index_t cols = 256;  // Bc: keys per tile
+  index_t rows = 256;       // Br: queries per tile
+  index_t cols = 256;       // Bc: keys per tile
+  index_t tall_rows = 0;    // Br of sequences with work enough for tall tiles (0: never)
+
+  /// A sequence's query tiles depend on that sequence alone, never on the rest of the batch or
+  /// the thread count: where its rows fall in tiles decides which product computes them (a
+  /// 1-row remainder takes the matrix-vector path) and where its key tiles start, so a sequence
+  /// in a batch gives the bits it gives alone. Tall when the sequence alone makes 32 tall work
+  /// items (four per thread on 8 threads, for the dynamic schedule to balance causal tiles).
+  index_t rows_for(const sequence& s, index_t heads) const {
+    return tall_rows > 0 && (s.q_length + tall_rows - 1) / tall_rows * heads >= 32 ? tall_rows : rows;
+  }
+  index_t max_rows() const noexcept { return std::max(rows, tall_rows); }
 };
 
-/// 512-row query tiles when they still give every thread at least four work items (the dynamic
-/// schedule balances causal tiles with several per thread), else 256.
-inline tile_shape forward_tiles(const batch_layout& layout, index_t heads, int threads) {
-  constexpr tile_shape tall{.rows = 512, .cols = 256};
-  index_t tiles = 0;  // query_tiles(layout, tall.rows).size(), without building them
-  for (const sequence& s : layout.sequences) tiles += (s.q_length + tall.rows - 1) / tall.rows;
-  return tiles * heads >= 4 * index_t(threads) ? tall : tile_shape{};
-}
+/// The forward's tiles: 256 x 256, 512 rows for long sequences.
+inline constexpr tile_shape forward_tiles{.rows = 256, .cols = 256, .tall_rows = 512};
 
 /// Everything one forward call shares across work items.
 template <class S>
@@ -288,17 +293,18 @@ void clear_rows_outside(const Problem& pb, const batch_layout& layout) {
 template <class S, class Plan>
 void fused_forward(const forward_problem<S>& pb, const batch_layout& layout, const Plan& plan) {
   clear_rows_outside(pb, layout);
-  const std::vector<query_tile> tiles = query_tiles(layout, pb.tiles.rows);  // most keys first
   const index_t heads = pb.q.heads;
+  const std::vector<query_tile> tiles =  // most keys first
+      query_tiles(layout, [&](const sequence& seq) { return pb.tiles.rows_for(seq, heads); });
   auto make_scratch = [&] {
     forward_scratch<S> s;
-    s.queries.resize(pb.tiles.rows, pb.q.dim);
+    s.queries.resize(pb.tiles.max_rows(), pb.q.dim);
     s.keys.resize(pb.q.dim, padded_to_line<S>(pb.tiles.cols));
     s.values.resize(pb.tiles.cols, pb.v.dim);
     s.scores.resize(block_rows, padded_to_line<S>(pb.tiles.cols));
-    s.accumulator.resize(pb.tiles.rows, pb.v.dim);
-    s.row_max.resize(pb.tiles.rows);
-    s.row_sum.resize(pb.tiles.rows);
+    s.accumulator.resize(pb.tiles.max_rows(), pb.v.dim);
+    s.row_max.resize(pb.tiles.max_rows());
+    s.row_sum.resize(pb.tiles.max_rows());
     return s;
   };
   parallel_items(index_t(tiles.size()) * heads, thread_count(pb.options.num_threads), make_scratch,
@@ -334,7 +340,7 @@ void attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v, const Bi
   const detail::batch_layout layout = detail::make_layout(options, q.batch, q.seq, k.seq);
   const int threads = detail::thread_count(options.num_threads);
   const detail::forward_problem<S> pb{q, k, v, o, lse, options, options.scale_for(q.dim), q.heads / k.heads,
-                                      detail::forward_tiles(layout, q.heads, threads)};
+                                      detail::forward_tiles};
   const auto plan = detail::make_bias_plan(bias, detail::visited_window(layout), threads);
   detail::fused_forward(pb, layout, plan);
 }

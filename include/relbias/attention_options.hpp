@@ -18,15 +18,17 @@ namespace relbias {
 template <std::floating_point Scalar>
 struct attention_options {
   masking mask = masking::bidirectional;
-  // Sliding (local) attention: a query sees only keys at distance < window, causal i - w < j <= i
-  // (w keys, itself included), bidirectional |i - j| < w. Unset: no window. Must be >= 1.
+  // Sliding (local) attention: a query sees only keys at distance < window, itself included:
+  // causal i - w < j <= i (w keys), bidirectional |i - j| < w (up to 2w - 1 keys). Unset: no
+  // window. Must be >= 1.
   std::optional<index_t> sliding_window{};
   index_t q_start = 0;                  // absolute position of query row 0 (kv_cache_q_start for decoding)
   index_t k_start = 0;                  // absolute position of key row 0
   // Real batches (sequences.hpp): where each sequence lives in the tensors and its positions.
   // Empty: every batch element is one sequence over all rows, at q_start / k_start (which must
-  // stay 0 when sequences are given). Not owned: keep the list alive during the call.
-  std::span<const sequence> sequences{};
+  // stay 0 when sequences are given). Owned: `options.sequences = padded_sequences(lengths, L);`
+  // is safe.
+  sequence_list sequences{};
   std::optional<Scalar> scale{};      // multiplies Q K^T (not the bias); default 1/sqrt(dim), T5 uses 1
   int num_threads = 0;                // fused kernels: 0 = OpenMP's default; ignored without OpenMP
 

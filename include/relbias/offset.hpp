@@ -143,4 +143,7 @@ struct position_window {
   }
 };
 
+/// "causal" or "bidirectional": policies' configuration() text.
+constexpr const char* masking_name(masking mode) noexcept { return mode == masking::causal ? "causal" : "bidirectional"; }
+
 }  // namespace relbias

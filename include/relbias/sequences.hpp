@@ -29,9 +29,11 @@
 
 #include "relbias/offset.hpp"
 
+#include <initializer_list>
 #include <span>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace relbias {
@@ -46,6 +48,51 @@ struct sequence {
   index_t k_length = 0;  ///< key rows: the filled part of a KV cache (0: none)
   index_t q_start = 0;   ///< absolute position of query row q_begin
   index_t k_start = 0;   ///< absolute position of key row k_begin
+};
+
+/// The sequences of one call (attention_options::sequences). It owns them, so a builder's
+/// result can be assigned straight from the call: `options.sequences = padded_sequences(lengths,
+/// L);` keeps no pointer to a temporary. A list from a builder also remembers the array it came
+/// from, so errors found at the call name that array (`lengths[4]`, `cu_seqlens[3]`), not
+/// `options.sequences[n]`. Converts from and to std::vector<sequence>.
+class sequence_list {
+ public:
+  sequence_list() = default;
+  sequence_list(std::vector<sequence> items) : items_(std::move(items)) {}
+  sequence_list(std::span<const sequence> items) : items_(items.begin(), items.end()) {}
+  sequence_list(std::initializer_list<sequence> items) : items_(items) {}
+  /// A builder's list: entry n came from q_array / k_array (null: only options.sequences names it);
+  /// at index n (ends = false, the entry is the length) or n + 1 (ends = true, cu_seqlens).
+  sequence_list(std::vector<sequence> items, const char* q_array, const char* k_array, bool ends)
+      : items_(std::move(items)), q_array_(q_array), k_array_(k_array), ends_(ends) {}
+
+  operator const std::vector<sequence>&() const noexcept { return items_; }
+  const std::vector<sequence>& items() const noexcept { return items_; }
+  bool empty() const noexcept { return items_.empty(); }
+  std::size_t size() const noexcept { return items_.size(); }
+  const sequence* data() const noexcept { return items_.data(); }
+  auto begin() const noexcept { return items_.begin(); }
+  auto end() const noexcept { return items_.end(); }
+  const sequence& operator[](std::size_t n) const { return items_[n]; }
+  sequence& operator[](std::size_t n) { return items_[n]; }
+
+  /// How an error names entry n's query (or key) rows: "lengths[2] = 300", "cu_seqlens[3] = 649",
+  /// or "options.sequences[2]" for a list the caller built.
+  std::string name(std::size_t n, bool query_rows) const {
+    const char* array = query_rows ? q_array_ : k_array_;
+    if (!array) return "options.sequences[" + std::to_string(n) + "]";
+    const sequence& s = items_[n];
+    const index_t begin = query_rows ? s.q_begin : s.k_begin, length = query_rows ? s.q_length : s.k_length;
+    return std::string(array) + "[" + std::to_string(ends_ ? n + 1 : n) + "] = " + std::to_string(ends_ ? begin + length : length);
+  }
+  /// The array with one entry per batch element (padded and decoding lists), or null.
+  const char* per_batch_array() const noexcept { return ends_ ? nullptr : k_array_; }
+
+ private:
+  std::vector<sequence> items_;
+  const char* q_array_ = nullptr;
+  const char* k_array_ = nullptr;
+  bool ends_ = false;
 };
 
 /// Which end of a padded row holds the padding.
@@ -67,7 +114,7 @@ inline std::string entry(const char* name, std::size_t n, index_t value) {
 /// a seq axis of padded_length rows, at rows [0, n) (padding::right) or [padded_length - n,
 /// padded_length) (padding::left), its first token at position 0. Queries and keys share rows.
 /// Throws std::invalid_argument if padded_length < 0 or a length is negative or above it.
-inline std::vector<sequence> padded_sequences(std::span<const index_t> lengths, index_t padded_length,
+inline sequence_list padded_sequences(std::span<const index_t> lengths, index_t padded_length,
                                               padding side = padding::right) {
   constexpr const char* where = "relbias::padded_sequences";
   if (padded_length < 0) detail::fail_sequences(where, "padded_length must be >= 0, got " + std::to_string(padded_length));
@@ -80,7 +127,7 @@ inline std::vector<sequence> padded_sequences(std::span<const index_t> lengths, 
     const index_t first = side == padding::right ? 0 : padded_length - n;
     batch.push_back({.batch = index_t(b), .q_begin = first, .q_length = n, .k_begin = first, .k_length = n});
   }
-  return batch;
+  return {std::move(batch), "lengths", "lengths", false};
 }
 
 /// Packed variable-length sequences (FlashAttention's varlen layout, xFormers' BlockDiagonalMask):
@@ -89,7 +136,7 @@ inline std::vector<sequence> padded_sequences(std::span<const index_t> lengths, 
 /// at 0 in each (assign q_start / k_start afterwards to give others). Throws
 /// std::invalid_argument if the arrays differ in size, are empty, hold a negative entry or
 /// decrease (sequences must not overlap).
-inline std::vector<sequence> packed_sequences(std::span<const index_t> cu_seqlens_q, std::span<const index_t> cu_seqlens_k) {
+inline sequence_list packed_sequences(std::span<const index_t> cu_seqlens_q, std::span<const index_t> cu_seqlens_k) {
   constexpr const char* where = "relbias::packed_sequences";
   if (cu_seqlens_q.empty() || cu_seqlens_q.size() != cu_seqlens_k.size())
     detail::fail_sequences(where, "cu_seqlens_q and cu_seqlens_k need one entry per sequence plus one (same nonzero size), got " +
@@ -105,12 +152,12 @@ inline std::vector<sequence> packed_sequences(std::span<const index_t> cu_seqlen
   for (std::size_t s = 0; s + 1 < cu_seqlens_q.size(); ++s)
     batch.push_back({.q_begin = cu_seqlens_q[s], .q_length = cu_seqlens_q[s + 1] - cu_seqlens_q[s],
                      .k_begin = cu_seqlens_k[s], .k_length = cu_seqlens_k[s + 1] - cu_seqlens_k[s]});
-  return batch;
+  return {std::move(batch), "cu_seqlens_q", "cu_seqlens_k", true};
 }
 
 /// Packed self-attention: queries and keys share the rows [cu_seqlens[s], cu_seqlens[s + 1]).
-inline std::vector<sequence> packed_sequences(std::span<const index_t> cu_seqlens) {
-  return packed_sequences(cu_seqlens, cu_seqlens);
+inline sequence_list packed_sequences(std::span<const index_t> cu_seqlens) {
+  return {packed_sequences(cu_seqlens, cu_seqlens).items(), "cu_seqlens", "cu_seqlens", true};
 }
 
 /// Batched decoding over a KV cache of `capacity` rows per batch element (FlashAttention's
@@ -121,7 +168,7 @@ inline std::vector<sequence> packed_sequences(std::span<const index_t> cu_seqlen
 /// at its own step. key_lengths[b] = 0 marks an idle slot: no query, no key (its output rows are
 /// 0). Throws std::invalid_argument unless query_length >= 1 and each key length is 0 or in
 /// [query_length, capacity].
-inline std::vector<sequence> decoding_sequences(std::span<const index_t> key_lengths, index_t query_length, index_t capacity) {
+inline sequence_list decoding_sequences(std::span<const index_t> key_lengths, index_t query_length, index_t capacity) {
   constexpr const char* where = "relbias::decoding_sequences";
   if (query_length < 1) detail::fail_sequences(where, "query_length must be >= 1, got " + std::to_string(query_length));
   std::vector<sequence> batch;
@@ -136,7 +183,7 @@ inline std::vector<sequence> decoding_sequences(std::span<const index_t> key_len
     const index_t queries = n == 0 ? 0 : query_length;
     batch.push_back({.batch = index_t(b), .q_length = queries, .k_length = n, .q_start = n - queries});
   }
-  return batch;
+  return {std::move(batch), nullptr, "key_lengths", false};
 }
 
 }  // namespace relbias

@@ -191,11 +191,24 @@ class adam {
 };
 
 // Parameter files: "RELBIAS1" | format version (u32) | scalar size (u32) | count (u64) |
-// FNV-1a 64 of the payload (u64) | payload (count scalars, native byte order).
+// FNV-1a 64 of the payload (u64) | [version 2: configuration size (u32) | configuration text] |
+// payload (count scalars, native byte order).
+// Version 2 added the configuration: the policy's configuration() text ("t5(heads 4, buckets
+// 32, max_distance 128, causal)"), empty for a policy without one. Version 1 files (no
+// configuration) still load, checked by count and scalar size only.
 namespace detail {
 
 inline constexpr char parameter_magic[8] = {'R', 'E', 'L', 'B', 'I', 'A', 'S', '1'};
-inline constexpr std::uint32_t parameter_format_version = 1;
+inline constexpr std::uint32_t parameter_format_version = 2;
+inline constexpr std::uint32_t max_configuration_size = 4096;  // a damaged size field reads no further
+
+/// The policy's own description of its kind and shape, or "" if it has none (a user policy
+/// without configuration(): its files are checked by parameter count and scalar size alone).
+template <class Policy>
+std::string configuration_of(const Policy& policy) {
+  if constexpr (requires { { policy.configuration() } -> std::convertible_to<std::string>; }) return policy.configuration();
+  else return {};
+}
 
 struct parameter_header {
   char magic[8];
@@ -266,7 +279,10 @@ inline bool replace_file(const std::filesystem::path& path, const std::vector<ch
 
 }  // namespace detail
 
-/// Writes every parameter of the policy to path, replacing any file there. The bytes go to a new
+/// Writes every parameter of the policy to path, replacing any file there, with the policy's
+/// configuration() (its kind and shape: heads, buckets, max_distance, mode, clip, width, ...)
+/// if it has that member; every built-in policy has, a user policy may add one (a short string,
+/// equal exactly when two policies lay out their parameters alike). The bytes go to a new
 /// temporary file in path's directory, created exclusively and without following symlinks, and
 /// are renamed over path only when complete: an interrupted save never leaves a half-written
 /// checkpoint, and a symlink planted under the temporary name is never written through. Throws
@@ -282,17 +298,29 @@ void save_parameters(const Policy& policy, const std::filesystem::path& path) {
   header.scalar_size = sizeof(S);
   header.count = std::uint64_t(p.size());
   header.checksum = detail::fnv1a64(p.data(), bytes);
+  const std::string configuration = detail::configuration_of(policy);
+  if (configuration.size() > detail::max_configuration_size)
+    throw std::invalid_argument("relbias::save_parameters: the policy's configuration() exceeds " +
+                                std::to_string(detail::max_configuration_size) + " characters");
+  const auto configuration_size = std::uint32_t(configuration.size());
 
-  std::vector<char> file(sizeof header + bytes);
-  std::memcpy(file.data(), &header, sizeof header);
-  if (bytes > 0) std::memcpy(file.data() + sizeof header, p.data(), bytes);
+  std::vector<char> file(sizeof header + sizeof configuration_size + configuration.size() + bytes);
+  char* at = file.data();
+  std::memcpy(at, &header, sizeof header);
+  std::memcpy(at += sizeof header, &configuration_size, sizeof configuration_size);
+  std::memcpy(at += sizeof configuration_size, configuration.data(), configuration.size());
+  if (bytes > 0) std::memcpy(at + configuration.size(), p.data(), bytes);
   if (!detail::replace_file(path, file)) throw std::runtime_error("relbias::save_parameters: cannot write " + path.string());
 }
 
-/// Reads parameters written by save_parameters into the policy. A file for another parameter
-/// count or scalar type, or with values the policy's validate() rejects (NaN, a KERPLE r2 outside
-/// its range), throws std::invalid_argument; an unreadable, truncated or damaged file
-/// throws std::runtime_error naming the path. Either way the policy is left unchanged.
+/// Reads parameters written by save_parameters into the policy. A file written for another
+/// policy or shape (its recorded configuration differs from the policy's configuration(): "file
+/// holds t5(heads 4, ...); the policy is t5(heads 2, ...)"), for another parameter count or
+/// scalar type, or with values the policy's validate() rejects (NaN, a KERPLE r2 outside its
+/// range), throws std::invalid_argument. Configurations are compared only when both the file
+/// and the policy have one (a version 1 file, or a policy without configuration(), is checked
+/// by count and scalar size). An unreadable, truncated or damaged file throws
+/// std::runtime_error naming the path. Either way the policy is left unchanged.
 template <learned_bias Policy>
 void load_parameters(Policy& policy, const std::filesystem::path& path) {
   using S = typename Policy::scalar_type;
@@ -302,9 +330,21 @@ void load_parameters(Policy& policy, const std::filesystem::path& path) {
   if (!in.read(reinterpret_cast<char*>(&header), sizeof header)) detail::damaged(path, "truncated header");
   if (std::memcmp(header.magic, detail::parameter_magic, sizeof header.magic) != 0)
     detail::damaged(path, "not a relbias parameter file (bad magic)");
-  if (header.version != detail::parameter_format_version)
-    detail::damaged(path, "format version " + std::to_string(header.version) + ", expected " +
+  if (header.version != 1 && header.version != detail::parameter_format_version)
+    detail::damaged(path, "format version " + std::to_string(header.version) + ", expected 1 to " +
                               std::to_string(detail::parameter_format_version));
+  std::string recorded;
+  if (header.version >= 2) {
+    std::uint32_t size = 0;
+    if (!in.read(reinterpret_cast<char*>(&size), sizeof size) || size > detail::max_configuration_size)
+      detail::damaged(path, "truncated or damaged configuration");
+    recorded.resize(size);
+    if (!in.read(recorded.data(), std::streamsize(size))) detail::damaged(path, "truncated configuration");
+  }
+  const std::string configuration = detail::configuration_of(policy);
+  if (!recorded.empty() && !configuration.empty() && recorded != configuration)
+    throw std::invalid_argument("relbias::load_parameters: " + path.string() + ": file holds " + recorded + "; the policy is " +
+                                configuration);
   const auto expected = std::uint64_t(policy.parameters().size());
   if (header.scalar_size != sizeof(S) || header.count != expected)
     throw std::invalid_argument("relbias::load_parameters: " + path.string() + " holds " + std::to_string(header.count) +

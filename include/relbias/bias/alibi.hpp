@@ -120,6 +120,10 @@ class alibi {
   }
 
   index_t num_heads() const noexcept { return slopes_.size(); }
+  /// What a parameter file records of the policy (train.hpp): "alibi(heads 8, trainable)".
+  std::string configuration() const {
+    return "alibi(heads " + std::to_string(num_heads()) + (Trainable ? ", trainable)" : ")");
+  }
   Scalar slope(index_t h) const { return slopes_[h]; }
 
   Scalar at_offset(index_t h, index_t delta) const { return -slopes_[h] * Scalar(delta < 0 ? -delta : delta); }

@@ -154,6 +154,12 @@ class fire {
   }
 
   index_t num_heads() const noexcept { return heads_; }
+  /// What a parameter file records of the policy (train.hpp):
+  /// "fire(heads 8, width 32, init_L 512, eps 1e-06)".
+  std::string configuration() const {
+    return "fire(heads " + std::to_string(heads_) + ", width " + std::to_string(config_.width) + ", init_L " +
+           detail::fire_value_text(double(init_L_)) + ", eps " + detail::fire_value_text(double(eps_)) + ")";
+  }
   index_t width() const noexcept { return config_.width; }
   const fire_config& config() const noexcept { return config_; }
 

@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cstring>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -57,13 +58,16 @@ struct kerple_power_kernel {
   static void values(S r1, S r2, Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> d) {
     if constexpr (std::is_same_v<S, float>) {
       constexpr Eigen::Index chunk = 512;  // on the stack and in L1: no allocation per call
+      constexpr Eigen::Index lanes = Eigen::internal::packet_traits<double>::size;
       Eigen::Array<double, chunk, 1> wide;
       for (Eigen::Index start = 0; start < d.size(); start += chunk) {
-        const Eigen::Index n = std::min(chunk, d.size() - start);
-        auto part = wide.head(n);
-        part = d.segment(start, n).template cast<double>();
+        // Whole packets, as kerple_log_kernel: no distance takes the scalar tail.
+        const Eigen::Index n = std::min(chunk, d.size() - start), padded = (n + lanes - 1) / lanes * lanes;
+        wide.segment(n, padded - n).setOnes();
+        wide.head(n) = d.segment(start, n).template cast<double>();
+        auto part = wide.head(padded);
         part = -double(r1) * (double(r2) * part.log()).exp();  // log 0 = -inf: 0^r2 = 0
-        d.segment(start, n) = part.template cast<float>();  // own pass: a cast inside kept log and exp scalar
+        d.segment(start, n) = wide.head(n).template cast<float>();  // own pass: a cast inside kept log and exp scalar
       }
     } else {
       d = d.unaryExpr([=](S x) { return value(r1, r2, x); });
@@ -92,18 +96,23 @@ struct kerple_log_kernel {
   template <class S>
   static S value(S r1, S r2, S d) { return -r1 * std::log1p(r2 * d); }
   // In place over an array of distances: Eigen's log1p runs in packets (a few ulps from log1p).
-  // Eigen peels scalar log1p up to the first aligned address, so the work goes through an
-  // aligned stack chunk: the packet/scalar split falls at the same index wherever d lives.
+  // Eigen takes scalar log1p before the first aligned address and after the last whole packet,
+  // so the work goes through an aligned stack chunk padded to whole packets: every distance
+  // gets the packet log1p, the same bits wherever it sits in the table (a sequence then gets
+  // the same bias in a batch as alone, whatever offsets the rest of the batch adds).
   template <class S>
   static void values(S r1, S r2, Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> d) {
     constexpr Eigen::Index chunk = 512;  // on the stack and in L1: no allocation per call
+    constexpr Eigen::Index lanes = Eigen::internal::packet_traits<S>::size;
+    static_assert(chunk % lanes == 0, "a chunk holds whole packets");
     Eigen::Array<S, chunk, 1> aligned;
     for (Eigen::Index start = 0; start < d.size(); start += chunk) {
-      const Eigen::Index n = std::min(chunk, d.size() - start);
-      auto part = aligned.head(n);
-      part = d.segment(start, n);
+      const Eigen::Index n = std::min(chunk, d.size() - start), padded = (n + lanes - 1) / lanes * lanes;
+      aligned.segment(n, padded - n).setZero();
+      aligned.head(n) = d.segment(start, n);
+      auto part = aligned.head(padded);
       part = -r1 * (r2 * part).log1p();
-      d.segment(start, n) = part;
+      d.segment(start, n) = aligned.head(n);
     }
   }
 
@@ -157,6 +166,10 @@ class kerple_policy {
   }
 
   index_t num_heads() const noexcept { return values_.size() / 2; }
+  /// What a parameter file records of the policy (train.hpp): "kerple_log(heads 8)".
+  std::string configuration() const {
+    return std::string(Kernel::name + std::strlen("relbias::")) + "(heads " + std::to_string(num_heads()) + ")";
+  }
 
   /// Bias of head h at offset delta = i - j (a function of |delta| only).
   Scalar at_offset(index_t h, index_t delta) const {

@@ -65,6 +65,10 @@ class per_offset {
   }
 
   index_t num_heads() const noexcept { return num_heads_; }
+  /// What a parameter file records of the policy (train.hpp): "per_offset(heads 4, clip 8, causal)".
+  std::string configuration() const {
+    return "per_offset(heads " + std::to_string(num_heads_) + ", clip " + std::to_string(clip_) + ", " + masking_name(mode_) + ")";
+  }
   index_t clip() const noexcept { return clip_; }
   masking mode() const noexcept { return mode_; }
   /// Entries per head: 2K + 1 (bidirectional) or K + 1 (causal).

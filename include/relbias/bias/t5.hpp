@@ -176,6 +176,12 @@ class t5 {
   }
 
   index_t num_heads() const noexcept { return num_heads_; }
+  /// What a parameter file records of the policy (train.hpp):
+  /// "t5(heads 4, buckets 32, max_distance 128, causal)".
+  std::string configuration() const {
+    return "t5(heads " + std::to_string(num_heads_) + ", buckets " + std::to_string(num_buckets_) + ", max_distance " +
+           std::to_string(max_distance_) + ", " + masking_name(mode_) + ")";
+  }
   index_t num_buckets() const noexcept { return num_buckets_; }
   index_t max_distance() const noexcept { return max_distance_; }
   masking mode() const noexcept { return mode_; }

@@ -126,8 +126,6 @@ void check_qkv(const char* where, const tensor_view<const Q>& q, const tensor_vi
   check_positions(where, options, q.seq, k.seq);
 }
 
-inline const char* masking_name(masking mode) { return mode == masking::causal ? "causal" : "bidirectional"; }
-
 /// A policy built for one masking mode (t5, per_offset: their buckets or table differ) must be
 /// used with that mode: causal buckets under bidirectional attention would give every future key
 /// the bucket of distance 0. The policy's mode() is the one source of truth; options.mask must agree.

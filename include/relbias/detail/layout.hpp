@@ -22,13 +22,14 @@ inline std::string rows_text(index_t begin, index_t length) {
   return text.append(std::to_string(begin)).append(", ").append(std::to_string(begin + length)).append(")");
 }
 
-/// One axis (query or key rows) of sequence n against a tensor of `rows` rows.
-inline void check_sequence_rows(const char* where, const std::string& name, const char* axis, index_t begin, index_t length,
-                                const char* tensor, index_t rows) {
+/// One axis (query or key rows) of sequence n against a tensor of `rows` rows. source: what the
+/// caller passed for these rows (sequence_list::name: "lengths[4] = 300" or "options.sequences[4]").
+inline void check_sequence_rows(const char* where, const std::string& name, const std::string& source, const char* axis,
+                                index_t begin, index_t length, const char* tensor, index_t rows) {
   if (length < 0) fail(where, name + "." + axis + "_length must be >= 0, got " + std::to_string(length));
   if (begin < 0) fail(where, name + "." + axis + "_begin must be >= 0, got " + std::to_string(begin));
   if (begin > rows - length)  // begin + length > rows, without overflow
-    fail(where, name + (axis[0] == 'q' ? " query" : " key") + " rows " + rows_text(begin, length) + " exceed " + tensor + " = " +
+    fail(where, source + (axis[0] == 'q' ? ": query" : ": key") + " rows " + rows_text(begin, length) + " exceed " + tensor + " = " +
                     std::to_string(rows));
 }
 
@@ -78,17 +79,23 @@ void check_sequences(const char* where, const tensor_view<const Q>& q, const ten
   for (std::size_t n = 0; n < options.sequences.size(); ++n) {
     const sequence& s = options.sequences[n];
     const std::string name = "options.sequences[" + std::to_string(n) + "]";
+    const char* per_batch = options.sequences.per_batch_array();
+    if (s.batch >= q.batch && per_batch)  // the array the caller passed has more entries than the batch
+      fail(where, std::string(per_batch) + " has " + std::to_string(options.sequences.size()) +
+                      " entries, one per batch element, but q holds " + std::to_string(q.batch) + " batch elements");
     if (s.batch < 0 || s.batch >= q.batch)
       fail(where, name + ".batch must be in [0, " + std::to_string(q.batch) + "), got " + std::to_string(s.batch));
-    check_sequence_rows(where, name, "q", s.q_begin, s.q_length, "q.seq", q.seq);
-    check_sequence_rows(where, name, "k", s.k_begin, s.k_length, "k.seq (the capacity of k and v)", k.seq);
+    check_sequence_rows(where, name, options.sequences.name(n, true), "q", s.q_begin, s.q_length, "q.seq", q.seq);
+    check_sequence_rows(where, name, options.sequences.name(n, false), "k", s.k_begin, s.k_length,
+                        "k.seq (the capacity of k and v)", k.seq);
     check_sequence_positions(where, name, "q_start", s.q_start, s.q_length);
     check_sequence_positions(where, name, "k_start", s.k_start, s.k_length);
     holds[std::size_t(s.batch)] = 1;
   }
   for (index_t b = 0; b < q.batch; ++b)
     if (!holds[std::size_t(b)])
-      fail(where, "batch element " + std::to_string(b) + " of " + std::to_string(q.batch) + " holds no sequence (options.sequences has " +
+      fail(where, "batch element " + std::to_string(b) + " of " + std::to_string(q.batch) + " holds no sequence (" +
+                      (options.sequences.per_batch_array() ? options.sequences.per_batch_array() : "options.sequences") + " has " +
                       std::to_string(options.sequences.size()) + " entries; list an idle element with zero lengths)");
   check_disjoint(where, options.sequences, true);
   check_disjoint(where, options.sequences, false);
@@ -166,12 +173,14 @@ struct query_tile {
 };
 
 /// Every query tile of every sequence, those that see the most keys first (dynamic scheduling
-/// then balances causal and uneven batches). Tiles restart at each sequence's first row, so a
-/// sequence is cut exactly as it would be alone.
-inline std::vector<query_tile> query_tiles(const batch_layout& layout, index_t tile_rows) {
+/// then balances causal and uneven batches). Tiles restart at each sequence's first row and
+/// tile_rows(s) looks at that sequence only, so a sequence is cut exactly as it would be alone.
+template <class TileRows>  // index_t(const sequence&)
+std::vector<query_tile> query_tiles(const batch_layout& layout, TileRows tile_rows_of) {
   std::vector<query_tile> tiles;
   for (std::size_t n = 0; n < layout.sequences.size(); ++n) {
     const sequence& s = layout.sequences[n];
+    const index_t tile_rows = tile_rows_of(s);
     for (index_t r0 = 0; r0 < s.q_length; r0 += tile_rows) {
       const index_t rows = std::min(tile_rows, s.q_length - r0);
       tiles.push_back({n, r0, rows, visible_key_columns(layout.band, s, r0, rows)});
@@ -179,6 +188,10 @@ inline std::vector<query_tile> query_tiles(const batch_layout& layout, index_t t
   }
   std::stable_sort(tiles.begin(), tiles.end(), [](const query_tile& a, const query_tile& b) { return a.keys.size() > b.keys.size(); });
   return tiles;
+}
+
+inline std::vector<query_tile> query_tiles(const batch_layout& layout, index_t tile_rows) {
+  return query_tiles(layout, [=](const sequence&) { return tile_rows; });
 }
 
 }  // namespace relbias::detail
