@@ -144,8 +144,10 @@ TEST_CASE("quality model: GELU in Eigen's float packets matches the tanh formula
       const double u = x(r, c), k = 0.7978845608028654, a = 0.044715;
       const double t = std::tanh(k * (u + a * u * u * u));
       const double slope = 0.5 * (1 + t) + 0.5 * u * (1 - t * t) * k * (1 + 3 * a * u * u);
-      CHECK(activation(r, c) == Approx(0.5 * u * (1 + t)).margin(1e-6).epsilon(1e-5));
-      CHECK(derivative(r, c) == Approx(slope).margin(1e-6).epsilon(1e-5));
+      // Where tanh nears -1 (x < -3), 1 + t cancels in float, whichever tanh computes t: an
+      // absolute error of a few 1e-6 on activations and slopes near 0.
+      CHECK(activation(r, c) == Approx(0.5 * u * (1 + t)).margin(2e-5).epsilon(1e-5));
+      CHECK(derivative(r, c) == Approx(slope).margin(2e-5).epsilon(1e-5));
     }
 }
 
