@@ -10,6 +10,7 @@
 #include <functional>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -550,6 +551,41 @@ TEMPLATE_TEST_CASE("robustness 9: aliasing outputs are rejected, packed layouts 
   CHECK(relbias_test::max_relative_error<S>(packed_grads(0), dq.view()) < tolerance<S>());
   CHECK(relbias_test::max_relative_error<S>(packed_grads(1), dk.view()) < tolerance<S>());
   CHECK(relbias_test::max_relative_error<S>(packed_grads(2), dv.view()) < tolerance<S>());
+}
+
+TEST_CASE("robustness 9: the stride-based overlap test of one layout agrees with listing every row", "[robustness]") {
+  // Blocks of one layout shifted by delta bytes: bshd, bhsd, packed (3 parts), gapped, reversed
+  // and broadcast strides; the listing (sorted rows) is the plain definition of overlap.
+  auto listed = [](const detail::memory_block& a, const detail::memory_block& b) {
+    const std::vector<std::uintptr_t> rows_a = a.row_starts(), rows_b = b.row_starts();
+    for (const std::uintptr_t x : rows_a)
+      for (const std::uintptr_t y : rows_b)
+        if (x < y + std::uintptr_t(b.row_bytes) && y < x + std::uintptr_t(a.row_bytes)) return true;
+    return false;
+  };
+  const std::uintptr_t base = std::uintptr_t(1) << 20;
+  const std::vector<std::pair<std::array<index_t, 3>, std::array<index_t, 3>>> layouts = {
+      {{2, 5, 3}, {5 * 3 * 16, 3 * 16, 16}},       // bshd, 16-byte rows
+      {{2, 5, 3}, {5 * 3 * 48, 3 * 48, 16}},       // q, k or v of a packed [B, L, 3, H, D]
+      {{2, 5, 3}, {3 * 5 * 16, 16, 5 * 16}},       // bhsd
+      {{1, 7, 2}, {0, 40, 16}},                    // gaps between rows; a broadcast batch
+      {{2, 4, 3}, {-4 * 3 * 16, -3 * 16, 16}},     // reversed axes
+      {{3, 1, 4}, {4 * 20, 0, 20}}};               // rows of 20 bytes at 20-byte steps
+  int decided = 0;
+  for (const auto& [extent, stride] : layouts)
+    for (const index_t a_bytes : {16, 8, 12})
+      for (const index_t b_bytes : {16, 4, 20})
+        for (std::intmax_t delta = -700; delta <= 700; delta += 4) {
+          const detail::memory_block a{"a", base, a_bytes, extent, stride};
+          const detail::memory_block b{"b", base + std::uintptr_t(delta), b_bytes, extent, stride};
+          const std::optional<bool> fast = detail::same_layout_overlap(a, b);
+          if (!fast) continue;
+          ++decided;
+          INFO("delta " << delta << ", row bytes " << a_bytes << " and " << b_bytes << ", strides " << stride[0] << " "
+                        << stride[1] << " " << stride[2]);
+          REQUIRE(*fast == listed(a, b));
+        }
+  CHECK(decided > 10000);  // the fast path decided (nearly) every case
 }
 
 // ---- Kind 10: the float reference is exact where exp underflows.

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <optional>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -278,9 +279,46 @@ inline bool overlaps_itself(const memory_block& m) {
   return false;
 }
 
+/// Whether some sum of k_x * axis[x].first with |k_x| < axis[x].second (x >= first; axes by
+/// decreasing stride, strides > 0) lies in (lo, hi), or nullopt when an axis offers more than a
+/// few candidates (the caller then lists rows). Nested axes (each stride at least the span of
+/// the rows inside it, as in every bshd/bhsd view) leave at most three candidates per axis.
+inline std::optional<bool> lattice_reaches(const std::array<std::pair<index_t, index_t>, 3>& axes, std::size_t count,
+                                           std::size_t first, std::intmax_t lo, std::intmax_t hi) {
+  if (first == count) return lo < 0 && 0 < hi;
+  std::intmax_t inner = 0;  // the inner axes reach [-inner, inner]
+  for (std::size_t x = first + 1; x < count; ++x) inner += std::intmax_t(axes[x].first) * (axes[x].second - 1);
+  const auto stride = std::intmax_t(axes[first].first), most = std::intmax_t(axes[first].second - 1);
+  auto floor_div = [](std::intmax_t n, std::intmax_t d) { return n / d - (n % d != 0 && n < 0); };
+  const std::intmax_t k_lo = std::max(-most, floor_div(lo - inner, stride)), k_hi = std::min(most, floor_div(hi + inner, stride) + 1);
+  if (k_hi - k_lo > 4) return std::nullopt;
+  for (std::intmax_t k = k_lo; k <= k_hi; ++k) {
+    const std::optional<bool> reached = lattice_reaches(axes, count, first + 1, lo - k * stride, hi - k * stride);
+    if (!reached || *reached) return reached;
+  }
+  return false;
+}
+
+/// Rows of two blocks of one layout (same extents and strides: q, k and v interleaved in one
+/// buffer, or dq, dk and dv) overlap when b's rows, a's shifted by delta = b.base - a.base, meet
+/// a's: when a difference of two row offsets lies in (delta - a.row_bytes, delta + b.row_bytes).
+/// Decided from the strides, without listing and sorting every row; nullopt for other layouts.
+inline std::optional<bool> same_layout_overlap(const memory_block& a, const memory_block& b) {
+  if (a.extent != b.extent || a.stride != b.stride) return std::nullopt;
+  std::array<std::pair<index_t, index_t>, 3> axes{};  // (|stride| in bytes, extent), zero strides dropped
+  std::size_t count = 0;
+  for (std::size_t x = 0; x < 3; ++x)
+    if (a.extent[x] > 1 && a.stride[x] != 0) axes[count++] = {a.stride[x] < 0 ? -a.stride[x] : a.stride[x], a.extent[x]};
+  for (std::size_t x = 1; x < count; ++x)  // by decreasing stride (insertion sort: see overlaps_itself)
+    for (std::size_t y = x; y > 0 && axes[y - 1].first < axes[y].first; --y) std::swap(axes[y], axes[y - 1]);
+  const auto delta = std::intmax_t(b.base - a.base);  // two's complement: negative when b starts lower
+  return lattice_reaches(axes, count, 0, delta - std::intmax_t(a.row_bytes), delta + std::intmax_t(b.row_bytes));
+}
+
 /// Whether a row of `a` shares a byte with a row of `b`; `a` must not overlap itself.
 inline bool overlap(const memory_block& a, const memory_block& b) {
   if (a.row_bytes == 0 || b.row_bytes == 0 || a.end() <= b.lowest() || b.end() <= a.lowest()) return false;
+  if (const std::optional<bool> decided = same_layout_overlap(a, b)) return *decided;
   const std::vector<std::uintptr_t> rows_a = a.row_starts();
   for (const std::uintptr_t start : b.row_starts()) {
     // The row of a starting last before b's row ends is the only one that can reach into it.
