@@ -24,7 +24,7 @@ python=python3
 
 bash scripts/install-deps.sh
 
-echo "== building $build (Release, -O3 -march=native): the first build takes three minutes or more"
+echo "== building $build (Release, -O3 -march=native; the time it took is printed when it ends)"
 build_start=$SECONDS
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DRELBIAS_BUILD_BENCHMARKS=ON -DRELBIAS_BUILD_TESTS=OFF \
   -DRELBIAS_BUILD_EXAMPLES=OFF >/dev/null

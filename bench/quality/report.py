@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tables, plots and summary.json of the quality benchmark.
 
-    python3 bench/quality/report.py OUT_DIR "COMMAND"
+    python3 bench/quality/report.py OUT_DIR ["COMMAND"]     (default: OUT_DIR/runs/command.txt)
 
 Reads OUT_DIR/runs/*.json (bench/quality/run.py), writes OUT_DIR/quality.md, OUT_DIR/*.png and
 OUT_DIR/summary.json, and, when OUT_DIR/../../README.md has the quality markers (the committed
@@ -66,6 +66,12 @@ def machine():
     except OSError:
         pass
     return f"{platform.node()}: {model}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
+
+
+def command_of(runs_dir, fallback):
+    """The command that wrote runs_dir (bench-quality.sh leaves it in command.txt)."""
+    path = runs_dir / "command.txt"
+    return path.read_text().strip() if path.exists() else fallback
 
 
 def commit():
@@ -203,7 +209,13 @@ def rank_of(groups, value_of):
     return {scheme: order.index(scheme) + 1 for scheme in means}
 
 
-def budget_check(runs):
+def long_date(out):
+    paths = list((out / "long").glob("*.json"))
+    stamp = max(path.stat().st_mtime for path in paths) if paths else 0
+    return datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def budget_check(runs, out):
     """The 15-minute run's seed 0 beside the same run trained 4x longer (OUT_DIR/long/)."""
     long, text = groups_of(runs, "long"), groups_of(runs, "text")
     if not long or not text:
@@ -215,8 +227,8 @@ def budget_check(runs):
     first_long, first_short = next(iter(long.values()))[0], next(iter(short.values()))[0]
     chars = lambda r: r["steps"] * r["batch"] * r["seq"] / 1e6
     lines = [f"Seed {first_short['seed']}: the main run ({chars(first_short):.1f} M training characters) beside the same run "
-             f"trained on {chars(first_long):.1f} M (`--long`), the schedule stretched over it. Rank: 1 = lowest bits "
-             "per character among these schemes.", "",
+             f"trained on {chars(first_long):.1f} M, the schedule stretched over it (`{command_of(out / 'long', 'LONG=1')}`, "
+             f"{long_date(out)}). Rank: 1 = lowest bits per character among these schemes.", "",
              "| scheme | bpc 1x, main | bpc 1x, 4x longer | rank 1x main / longer | bpc 16x, main | bpc 16x, 4x longer | "
              "rank 16x main / longer | longer run: last-quarter gain |", "|---" * 8 + "|"]
     ranks = [rank_of(g, lambda r, k=k: r["eval_bpc"][k]) for g in (short, long) for k in (0, -1)]
@@ -227,6 +239,26 @@ def budget_check(runs):
                      f"{a['eval_bpc'][-1]:.3f} | {b['eval_bpc'][-1]:.3f} | {ranks[1][scheme]} / {ranks[3][scheme]} | "
                      f"{gain:+.3f}{' flat' if converged(b, False) else ' still moving'} |")
     return lines
+
+
+def budget_ranks(runs):
+    """One sentence: do the 1x and 16x orders of the main run (its seed) hold when trained 4x longer?"""
+    long, text = groups_of(runs, "long"), groups_of(runs, "text")
+    if not long or not text:
+        return None
+    seed = next(iter(long.values()))[0]["seed"]
+    short = {s: [r for r in g if r["seed"] == seed] for s, g in text.items() if s in long}
+    short = {s: g for s, g in short.items() if g}
+    long = {s: g[:1] for s, g in long.items() if s in short}
+    parts = []
+    for k, label in ((0, "1x"), (-1, "16x")):
+        a = sorted(short, key=lambda s: short[s][0]["eval_bpc"][k])
+        b = sorted(long, key=lambda s: long[s][0]["eval_bpc"][k])
+        same = "the same order" if a == b else f"order {' < '.join(b)} (main run: {' < '.join(a)})"
+        parts.append(f"at {label} {same}")
+    gains = [last_quarter_gain(g[0], False) for g in long.values()]
+    return (f"Trained 4x longer (seed {seed}, every scheme): " + "; ".join(parts) +
+            f"; last-quarter gains there {min(gains):.3f} to {max(gains):.3f} bpc")
 
 
 def speed_lines(runs):
@@ -401,10 +433,17 @@ def answer(runs):
         costs = [f"{s} {np.mean([r['cpu_ms_per_step'] for r in g]):.1f} ms" +
                  (f" ({np.mean([r['cpu_ms_per_step'] for r in g]) / base:.2f}x)" if base else "") for s, g in text.items()]
         lines.append("Cost, CPU ms per training step (one thread, x no bias): " + ", ".join(costs))
-        moving = [f"{s} seed {r['seed']}" for name in ("text", "small") for s, g in groups_of(runs, name).items()
-                  for r in g if not converged(r, False)]
-        lines.append(f"Converged (last quarter gained < {FLAT_BPC} bpc): " +
-                     ("every text run" if not moving else f"all but {', '.join(moving)}"))
+        counts = []
+        for name, label in (("text", "all-data"), ("small", "small-data")):
+            group = [r for g in groups_of(runs, name).values() for r in g]
+            if group:
+                gains = [last_quarter_gain(r, False) for r in group]
+                counts.append(f"{sum(converged(r, False) for r in group)} of {len(group)} {label} runs "
+                              f"(last-quarter gains {min(gains):.3f} to {max(gains):.3f} bpc)")
+        lines.append(f"Converged by the criterion (last quarter gained < {FLAT_BPC} bpc): " + "; ".join(counts))
+        check = budget_ranks(runs)
+        if check:
+            lines.append(check)
     return [line for line in lines if line]
 
 
@@ -478,7 +517,7 @@ def setup_lines(runs):
 
 def main():
     out = Path(sys.argv[1])
-    command = sys.argv[2] if len(sys.argv) > 2 else "bash scripts/bench-quality.sh"
+    command = command_of(out / "runs", sys.argv[2] if len(sys.argv) > 2 else "bash scripts/bench-quality.sh")
     quick = "QUICK=1" in command
     runs = load_runs(out)
     if not runs:
@@ -519,7 +558,7 @@ def main():
     body += convergence_table(runs, "small", False)
     body += ["", "Probe:", ""]
     body += convergence_table(runs, "probe", True)
-    check = budget_check(runs)
+    check = budget_check(runs, out)
     if check:
         body += ["", "#### Budget check: the same training, four times longer", ""] + check
     body += ["", "#### The training step: cost against the machine's peak", ""]
