@@ -131,7 +131,7 @@ void speed(const char* name, index_t length, int repetitions) {
         single_fwd.push_back(t.forward), single_bwd.push_back(t.backward);
       }
       quiet_barrier();
-      const auto t = time_ring(bias, shard, {{.mask = mask, .num_threads = 1}, mode}, workspace);
+      const auto t = time_ring(bias, shard, {{.mask = mask, .num_threads = 1}, layout}, workspace);
       ring_fwd.push_back(t.forward), ring_bwd.push_back(t.backward);
     }
     if (rank == 0) {
@@ -151,7 +151,7 @@ void memory(const char* name, index_t length) {
   const rd::ring_layout layout(length, ranks, rd::sharding::zigzag);
   buffers shard(layout.shard_length(rank), dim, parameter_count(bias));
   rd::ring_workspace<float> workspace;
-  const auto t = time_ring(bias, shard, {{.mask = masking::causal, .num_threads = 1}, rd::sharding::zigzag}, workspace);
+  const auto t = time_ring(bias, shard, {{.mask = masking::causal, .num_threads = 1}, layout}, workspace);
   rusage usage{};
   getrusage(RUSAGE_SELF, &usage);
   const double peak_mib = double(usage.ru_maxrss) / 1024.0;  // ru_maxrss is in KiB on Linux

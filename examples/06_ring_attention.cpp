@@ -28,10 +28,9 @@ int main(int argc, char** argv) {
   const auto q = wave(length, heads, dim, 0.37), k = wave(length, heads, dim, 0.11), v = wave(length, heads, dim, 0.23),
              d_out = wave(length, heads, dim, 0.05);
   const relbias::fire<double> bias{heads, /*seed=*/1, relbias::fire_config{.init_L = 64}};
-  const rd::ring_options<double> options{{.mask = relbias::masking::causal}, rd::sharding::zigzag};
-
-  // This rank's rows: chunks rank and 2P-1-rank of 2P.
-  const rd::ring_layout layout(length, ranks, options.layout);
+  // This rank's rows: chunks rank and 2P-1-rank of 2P. The ring takes the same layout object.
+  const rd::ring_layout layout(length, ranks, rd::sharding::zigzag);
+  const rd::ring_options<double> options{{.mask = relbias::masking::causal}, layout};
   const auto my_q = rd::shard(q.view(), layout, rank), my_k = rd::shard(k.view(), layout, rank),
              my_v = rd::shard(v.view(), layout, rank), my_d_out = rd::shard(d_out.view(), layout, rank);
   const index_t rows = layout.shard_length(rank);

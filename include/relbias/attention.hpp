@@ -314,6 +314,21 @@ void fused_forward(const forward_problem<S>& pb, const batch_layout& layout, con
                  });
 }
 
+/// The forward's contract: every argument check of relbias::attention, in its order. The ring
+/// (distributed/ring_attention.hpp) runs it on each rank's shard, so both entry points reject
+/// the same calls with the same messages.
+template <class Bias, class S>
+void check_attention_call(const char* where, const tensor_view<const S>& q, const tensor_view<const S>& k,
+                          const tensor_view<const S>& v, const Bias& bias, const attention_options<S>& options,
+                          const tensor_view<S>& o, std::span<S> lse) {
+  check_qkv(where, q, k, v, index_t(bias.num_heads()), options);
+  check_bias_mode(where, bias, options);
+  check_sequences(where, q, k, options);
+  check_outputs(where, q, v, o, lse, false);
+  check_no_aliasing(where, {block_of("o", o), block_of("lse", lse)},
+                    {block_of("q", q), block_of("k", k), block_of("v", v), parameter_block(bias)});
+}
+
 }  // namespace detail
 
 /// Fused forward. q [B, Lq, Hq, D], k [B, Lk, Hk, D], v [B, Lk, Hk, Dv] (Hq a multiple of Hk:
@@ -329,13 +344,7 @@ template <bias_policy Bias, class S = typename Bias::scalar_type>
 void attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v, const Bias& bias,
                const attention_options<S>& options, output_tensor<S> o, output_span<S> lse = {}) {
   // Preconditions
-  constexpr const char* where = "relbias::attention";
-  detail::check_qkv(where, q, k, v, index_t(bias.num_heads()), options);
-  detail::check_bias_mode(where, bias, options);
-  detail::check_sequences(where, q, k, options);
-  detail::check_outputs(where, q, v, o, lse, false);
-  detail::check_no_aliasing(where, {detail::block_of("o", o), detail::block_of("lse", lse)},
-                            {detail::block_of("q", q), detail::block_of("k", k), detail::block_of("v", v), detail::parameter_block(bias)});
+  detail::check_attention_call("relbias::attention", q, k, v, bias, options, o, lse);
 
   const detail::batch_layout layout = detail::make_layout(options, q.batch, q.seq, k.seq);
   const int threads = detail::thread_count(options.num_threads);

@@ -298,6 +298,25 @@ void run_backward(backward_problem<S>& pb, const Bias& bias, std::span<S> bias_g
   }
 }
 
+/// The backward's contract: every argument check of relbias::attention_backward, in its order;
+/// the ring runs it on each rank's shard (see check_attention_call).
+template <class Bias, class S>
+void check_attention_backward_call(const char* where, const tensor_view<const S>& q, const tensor_view<const S>& k,
+                                   const tensor_view<const S>& v, const tensor_view<const S>& o,
+                                   const tensor_view<const S>& d_out, std::span<const S> lse, const Bias& bias,
+                                   const attention_options<S>& options, const tensor_view<S>& dq, const tensor_view<S>& dk,
+                                   const tensor_view<S>& dv, std::span<S> bias_grad) {
+  check_qkv(where, q, k, v, index_t(bias.num_heads()), options);
+  std::size_t parameter_count = 0;
+  if constexpr (learned_bias<Bias>) parameter_count = std::size_t(bias.parameters().size());
+  check_backward(where, q, k, v, o, d_out, lse, dq, dk, dv, bias_grad, parameter_count);
+  check_bias_mode(where, bias, options);
+  check_sequences(where, q, k, options);
+  check_no_aliasing(where, {block_of("dq", dq), block_of("dk", dk), block_of("dv", dv), block_of("bias_grad", bias_grad)},
+                    {block_of("q", q), block_of("k", k), block_of("v", v), block_of("o", o), block_of("d_out", d_out),
+                     block_of("lse", lse), parameter_block(bias)});
+}
+
 }  // namespace detail
 
 /// Fused backward. Inputs as for attention() plus o and lse from the forward and d_out = dL/dO
@@ -311,18 +330,8 @@ void attention_backward(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v,
                         const attention_options<S>& options, output_tensor<S> dq, output_tensor<S> dk, output_tensor<S> dv,
                         output_span<S> bias_grad = {}) {
   // Preconditions
-  constexpr const char* where = "relbias::attention_backward";
-  detail::check_qkv(where, q, k, v, index_t(bias.num_heads()), options);
-  std::size_t parameter_count = 0;
-  if constexpr (learned_bias<Bias>) parameter_count = std::size_t(bias.parameters().size());
-  detail::check_backward(where, q, k, v, o, d_out, lse, dq, dk, dv, bias_grad, parameter_count);
-  detail::check_bias_mode(where, bias, options);
-  detail::check_sequences(where, q, k, options);
-  detail::check_no_aliasing(where,
-                            {detail::block_of("dq", dq), detail::block_of("dk", dk), detail::block_of("dv", dv),
-                             detail::block_of("bias_grad", bias_grad)},
-                            {detail::block_of("q", q), detail::block_of("k", k), detail::block_of("v", v), detail::block_of("o", o),
-                             detail::block_of("d_out", d_out), detail::block_of("lse", lse), detail::parameter_block(bias)});
+  detail::check_attention_backward_call("relbias::attention_backward", q, k, v, o, d_out, lse, bias, options, dq, dk, dv,
+                                        bias_grad);
 
   detail::backward_problem<S> pb{q, k, v, o, d_out, lse, dq, dk, dv, options, options.scale_for(q.dim), q.heads / k.heads};
   detail::run_backward(pb, bias, bias_grad);

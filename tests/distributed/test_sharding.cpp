@@ -4,6 +4,7 @@
 
 #include <relbias/distributed/sharding.hpp>
 
+#include <algorithm>
 #include <stdexcept>
 #include <vector>
 
@@ -85,4 +86,18 @@ TEMPLATE_TEST_CASE("shard then unshard rebuilds the tensor, any strides", "[shar
   CHECK(local[5] == S(9));
   CHECK(local[6] == S(13 + 4));
   CHECK_THROWS_AS(shard<S>(global.view(), layout, 2), std::invalid_argument);
+}
+
+TEST_CASE("shard and unshard deduce the type from a tensor the caller may still write", "[sharding]") {
+  // docs/ring_attention.md writes `rd::shard(q_all.view(), layout, rank)` with a non-const q_all.
+  tensor<float> global = relbias_test::random_tensor<float>(1, 10, 2, 3, 7);
+  const ring_layout layout(10, 3, sharding::zigzag);
+  tensor<float> rebuilt(1, 10, 2, 3), copy(1, layout.shard_length(1), 2, 3);
+  for (int r = 0; r < 3; ++r) {
+    tensor<float> local = shard(global.view(), layout, r);
+    unshard(local.view(), layout, r, rebuilt.view());
+  }
+  CHECK(std::equal(rebuilt.data(), rebuilt.data() + rebuilt.size(), global.data()));
+  shard(global.view(), layout, 1, copy.view());
+  CHECK(copy(0, 0, 1, 2) == global(0, layout.windows(1).front().global_first, 1, 2));
 }

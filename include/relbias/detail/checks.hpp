@@ -37,6 +37,18 @@ std::string shape_string(const tensor_view<T>& t) {
   throw std::invalid_argument(std::string(where) + ": " + what);
 }
 
+/// The message of the first std::invalid_argument `checks` throws, or "" when it throws none: a
+/// collective caller (the ring) shares it with the other ranks before anyone throws.
+template <class Checks>
+std::string first_violation(Checks&& checks) {
+  try {
+    checks();
+  } catch (const std::invalid_argument& e) {
+    return e.what();
+  }
+  return {};
+}
+
 /// a * b, or a clear error naming what the product is of when it does not fit in an index.
 inline index_t checked_product(const char* where, const std::string& what, std::initializer_list<index_t> factors) {
   index_t product = 1;

@@ -50,11 +50,15 @@ namespace relbias::distributed {
 /// What ring_attention takes besides tensors, bias and communicator.
 template <std::floating_point Scalar>
 struct ring_options {
-  /// mask, scale and threads per rank as for relbias::attention; q_start and k_start are the
-  /// absolute positions of global row 0 of the sequence (the ring adds each window's offset).
+  /// mask, window, scale and threads per rank as for relbias::attention; q_start and k_start are
+  /// the absolute positions of global row 0 of the sequence (the ring adds each window's offset).
+  /// options.attention.sequences is not supported (each batch element is one sequence).
   attention_options<Scalar> attention{};
-  /// How the global sequence is split; zigzag balances causal work.
-  sharding layout = sharding::contiguous;
+  /// The layout the shards were cut with (the same object shard() took): it fixes the global
+  /// length and which rows each rank holds. Two layouts of one length can give every rank the
+  /// same number of rows (contiguous and zigzag both give [19, 18] at L = 37, P = 2), so shard
+  /// lengths alone cannot tell them apart; hence the object, not a mode.
+  ring_layout layout;
 };
 
 namespace detail {
@@ -96,9 +100,9 @@ inline void mpi_check(int code, const char* call) {
 /// What one rank contributes to the collective check: its shapes and options, and the text of
 /// its own local error (empty when its arguments are fine on their own).
 struct rank_record {
-  long long batch, seq, q_heads, kv_heads, dim, dim_v, mask, q_start, k_start, layout, has_scale, bias_grad;
+  long long batch, seq, q_heads, kv_heads, dim, dim_v, mask, window, q_start, k_start, length, layout, has_scale, bias_grad;
   double scale;
-  char error[256];
+  char error[512];
 };
 
 template <class S>
@@ -107,10 +111,32 @@ rank_record make_record(const tensor_view<const S>& q, const tensor_view<const S
   rank_record rec{};
   const auto& a = options.attention;
   rec.batch = q.batch, rec.seq = q.seq, rec.q_heads = q.heads, rec.kv_heads = k.heads, rec.dim = q.dim, rec.dim_v = v.dim;
-  rec.mask = int(a.mask), rec.q_start = a.q_start, rec.k_start = a.k_start, rec.layout = int(options.layout);
+  rec.mask = int(a.mask), rec.window = a.sliding_window.value_or(0), rec.q_start = a.q_start, rec.k_start = a.k_start;
+  rec.length = options.layout.length(), rec.layout = int(options.layout.mode());
   rec.has_scale = a.scale.has_value();
   rec.scale = a.scale.value_or(S(0));
   return rec;
+}
+
+/// The ring's own part of the contract, on the global problem: the layout fits the communicator
+/// and this rank's rows, positions fit over the whole sequence (a shard's own rows would pass
+/// where the sequence's end passes 2^62, and the kernel of a later window would throw on some
+/// ranks only), and no options.sequences. The rest is the single-process contract, per shard.
+template <class S>
+void check_ring_call(const char* where, const tensor_view<const S>& q, const ring_options<S>& options, int rank, int size) {
+  const ring_layout& layout = options.layout;
+  if (layout.ranks() != size)
+    fail(where, "options.layout is for " + std::to_string(layout.ranks()) + " ranks, but the communicator has " +
+                    std::to_string(size));
+  if (!options.attention.sequences.empty())
+    fail(where, "options.attention.sequences is not supported by ring attention (each batch element is one sequence of "
+                "options.layout.length() rows), got " + std::to_string(options.attention.sequences.size()) + " sequences");
+  relbias::detail::check_positions(where, options.attention, layout.length(), layout.length());
+  if (q.seq != layout.shard_length(rank))
+    fail(where, "q.seq (" + std::to_string(q.seq) + ") must be the " + std::to_string(layout.shard_length(rank)) +
+                    " rows rank " + std::to_string(rank) + " holds in the " + sharding_name(layout.mode()) + " layout of " +
+                    std::to_string(layout.length()) + " rows over " + std::to_string(size) +
+                    " ranks (relbias::distributed::shard cuts them)");
 }
 
 /// The communicator's rank and size; MPI must be initialised and comm a valid intracommunicator.
@@ -136,15 +162,8 @@ void check_self_attention_rows(const char* where, const tensor_view<const S>& q,
                     ", q.seq=" + std::to_string(q.seq));
 }
 
-inline std::string lengths_text(const std::vector<long long>& lengths) {
-  std::string text("[");
-  for (const long long n : lengths) text.append(std::to_string(n)).append(", ");
-  text.resize(text.size() - 2);
-  return text.append("]");
-}
-
-/// Compares every rank's record with rank 0's and the shard lengths with the layout. Every rank
-/// sees the same records, so every rank throws the same message.
+/// Reports the first rank's local error, else compares every rank's record with rank 0's. Every
+/// rank sees the same records, so every rank throws the same message.
 inline void check_records(const char* where, const std::vector<rank_record>& records) {
   for (std::size_t r = 0; r < records.size(); ++r)
     if (records[r].error[0] != '\0') fail(where, "rank " + std::to_string(r) + ": " + records[r].error);
@@ -156,9 +175,11 @@ inline void check_records(const char* where, const std::vector<rank_record>& rec
   static constexpr field fields[] = {{"batch", &rank_record::batch},       {"q.heads", &rank_record::q_heads},
                                      {"k.heads", &rank_record::kv_heads},  {"q.dim", &rank_record::dim},
                                      {"v.dim", &rank_record::dim_v},       {"options.attention.mask", &rank_record::mask},
+                                     {"options.attention.sliding_window (0: none)", &rank_record::window},
                                      {"options.attention.q_start", &rank_record::q_start},
                                      {"options.attention.k_start", &rank_record::k_start},
-                                     {"options.layout", &rank_record::layout},
+                                     {"options.layout.length()", &rank_record::length},
+                                     {"options.layout.mode() (0: contiguous, 1: zigzag)", &rank_record::layout},
                                      {"bias_grad.empty() ? 0 : 1", &rank_record::bias_grad}};
   for (std::size_t r = 1; r < records.size(); ++r) {
     for (const field& f : fields)
@@ -170,44 +191,22 @@ inline void check_records(const char* where, const std::vector<rank_record>& rec
   }
 }
 
-/// The layout the shard lengths must follow, or the error every rank throws alike.
-inline ring_layout check_layout(const char* where, const std::vector<rank_record>& records, sharding mode) {
-  std::vector<long long> lengths;
-  long long total = 0;
-  for (const auto& rec : records) lengths.push_back(rec.seq), total += rec.seq;
-  const int ranks = int(records.size());
-  const char* name = mode == sharding::zigzag ? "zigzag" : "contiguous";
-  if (total < ranks)
-    fail(where, "the sequence must have at least one row per rank, got " + std::to_string(total) + " rows on " +
-                    std::to_string(ranks) + " ranks");
-  ring_layout layout(total, ranks, mode);
-  std::vector<long long> expected;
-  for (int r = 0; r < ranks; ++r) expected.push_back(layout.shard_length(r));
-  if (expected != lengths)
-    fail(where, std::string("shard lengths ") + lengths_text(lengths) + " do not match the " + name + " layout of " +
-                    std::to_string(total) + " rows over " + std::to_string(ranks) + " ranks, which needs " +
-                    lengths_text(expected) + " (relbias::distributed::shard cuts them)");
-  const long long block = records.front().batch * records.front().kv_heads * (records.front().dim + records.front().dim_v);
-  if (layout.max_shard_length() > INT_MAX / std::max(block, 1LL))
-    fail(where, "a key/value block of " + std::to_string(layout.max_shard_length()) + " rows exceeds MPI's int count");
-  return layout;
-}
-
-/// Runs the local checks, shares their outcome and every rank's shapes in one MPI_Allgather,
-/// and returns the layout; throws the same std::invalid_argument on every rank on any error.
+/// Every rank's local checks (its call's contract: check_ring_call, then the single-process
+/// one) and shapes, shared in one MPI_Allgather before any buffer is allocated or message
+/// posted: every rank throws the same std::invalid_argument on any error, or none does, and the
+/// communicator stays usable for the next call.
 template <class LocalChecks>
-ring_layout collective_check(const char* where, MPI_Comm comm, int size, rank_record record, LocalChecks local_checks,
-                             sharding mode) {
-  try {
-    local_checks();
-  } catch (const std::invalid_argument& e) {
-    std::memcpy(record.error, e.what(), std::min(std::strlen(e.what()), sizeof record.error - 1));
-  }
+void collective_check(const char* where, MPI_Comm comm, int size, rank_record record, const ring_layout& layout,
+                      LocalChecks local_checks) {
+  const std::string error = relbias::detail::first_violation(local_checks);
+  std::memcpy(record.error, error.data(), std::min(error.size(), sizeof record.error - 1));
   std::vector<rank_record> records(static_cast<std::size_t>(size));
   mpi_check(MPI_Allgather(&record, int(sizeof record), MPI_BYTE, records.data(), int(sizeof record), MPI_BYTE, comm),
             "MPI_Allgather");
   check_records(where, records);
-  return check_layout(where, records, mode);
+  const long long block = record.batch * record.kv_heads * (record.dim + record.dim_v);
+  if (layout.max_shard_length() > INT_MAX / std::max(block, 1LL))
+    fail(where, "a key/value block of " + std::to_string(layout.max_shard_length()) + " rows exceeds MPI's int count");
 }
 
 /// Storage a ring call needs, kept in a ring_workspace between calls.
@@ -520,30 +519,32 @@ inline int comm_size(MPI_Comm comm = MPI_COMM_WORLD) { return detail::rank_and_s
 /// Ring attention forward over `comm` (collective: every rank of comm calls it).
 ///
 /// q [B, n_r, Hq, D], k [B, n_r, Hk, D], v [B, n_r, Hk, Dv]: this rank's rows of the global
-/// sequence of L = sum n_r rows, cut by ring_layout(L, P, options.layout) (shard() does it);
-/// self-attention, so queries and keys share the layout. o [B, n_r, Hq, Dv] and lse (empty or
+/// sequence of L = options.layout.length() rows, n_r = options.layout.shard_length(r) (shard()
+/// cuts them); self-attention, so queries and keys share the layout. o [B, n_r, Hq, Dv] and lse (empty or
 /// B * Hq * n_r values, [b][h][row]) receive this rank's rows of the global result, equal to
 /// relbias::attention over the whole sequence up to rounding. Any strides with a contiguous
 /// last axis. The bias policy must be the same on every rank.
 ///
-/// Errors: std::invalid_argument on every rank alike, before any data moves, for local shape
-/// errors on any rank, head counts, dims, batch, mask, positions or scale that differ between
-/// ranks, and shard lengths that do not match the layout. MPI not initialised or comm ==
-/// MPI_COMM_NULL throws on the calling rank only (it cannot reach the others).
+/// Errors: std::invalid_argument on every rank alike, before any buffer is allocated or any data
+/// moves, for whatever relbias::attention rejects on any rank's shard (shapes, a policy whose
+/// mode() contradicts the mask, a window < 1, outputs overlapping inputs), positions that pass
+/// 2^62 over the whole sequence, options.attention.sequences, a layout that does not fit the
+/// communicator or this rank's rows, and head counts, dims, batch, mask, window, positions,
+/// layout or scale that differ between ranks; the communicator stays usable. MPI not
+/// initialised or comm == MPI_COMM_NULL throws on the calling rank only (it cannot reach the
+/// others).
 template <bias_policy Bias, class S = typename Bias::scalar_type>
 void ring_attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v, const Bias& bias, const ring_options<S>& options,
                     output_tensor<S> o, output_span<S> lse, MPI_Comm comm, ring_workspace<S>& workspace) {
   // Preconditions
   constexpr const char* where = "relbias::distributed::ring_attention";
   const auto [rank, size] = detail::rank_and_size(where, comm);
-  const auto local_checks = [&] {
-    relbias::detail::check_qkv(where, q, k, v, index_t(bias.num_heads()), options.attention);
-    relbias::detail::check_outputs(where, q, v, o, lse, false);
+  detail::collective_check(where, comm, size, detail::make_record(q, k, v, options), options.layout, [&] {
+    detail::check_ring_call(where, q, options, rank, size);
+    relbias::detail::check_attention_call(where, q, k, v, bias, options.attention, o, lse);
     detail::check_self_attention_rows(where, q, k);
-  };
-  const detail::ring ring{comm, rank, size,
-                          detail::collective_check(where, comm, size, detail::make_record(q, k, v, options), local_checks,
-                                                      options.layout)};
+  });
+  const detail::ring ring{comm, rank, size, options.layout};
 
   std::vector<S> own_lse;
   if (lse.empty()) own_lse.resize(std::size_t(q.batch * q.heads * q.seq)), lse = own_lse;
@@ -571,16 +572,15 @@ void ring_attention_backward(input_tensor<S> q, input_tensor<S> k, input_tensor<
   // Preconditions
   constexpr const char* where = "relbias::distributed::ring_attention_backward";
   const auto [rank, size] = detail::rank_and_size(where, comm);
-  const auto local_checks = [&] {
-    relbias::detail::check_qkv(where, q, k, v, index_t(bias.num_heads()), options.attention);
-    std::size_t parameter_count = 0;
-    if constexpr (learned_bias<Bias>) parameter_count = std::size_t(bias.parameters().size());
-    relbias::detail::check_backward(where, q, k, v, o, d_out, lse, dq, dk, dv, bias_grad, parameter_count);
-    detail::check_self_attention_rows(where, q, k);
-  };
   auto record = detail::make_record(q, k, v, options);
   record.bias_grad = bias_grad.empty() ? 0 : 1;  // all ranks or none take part in the bias-gradient sum
-  const detail::ring ring{comm, rank, size, detail::collective_check(where, comm, size, record, local_checks, options.layout)};
+  detail::collective_check(where, comm, size, record, options.layout, [&] {
+    detail::check_ring_call(where, q, options, rank, size);
+    relbias::detail::check_attention_backward_call(where, q, k, v, o, d_out, lse, bias, options.attention, dq, dk, dv,
+                                                   bias_grad);
+    detail::check_self_attention_rows(where, q, k);
+  });
+  const detail::ring ring{comm, rank, size, options.layout};
   detail::ring_backward(ring, detail::backward_inputs<S>{q, k, v, o, d_out, lse}, bias, options.attention, dq, dk, dv,
                         bias_grad, workspace.buffers());
 }

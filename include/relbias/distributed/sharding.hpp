@@ -22,11 +22,14 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace relbias::distributed {
 
 enum class sharding { contiguous, zigzag };
+
+inline const char* sharding_name(sharding mode) noexcept { return mode == sharding::zigzag ? "zigzag" : "contiguous"; }
 
 /// Consecutive global rows [global_first, global_first + count) stored at local rows
 /// [local_first, local_first + count) of one rank's shard.
@@ -134,12 +137,30 @@ tensor<S> shard(tensor_view<const S> global, const ring_layout& layout, int rank
   return local;
 }
 
+/// shard() of a tensor the caller may still write (`shard(q_all.view(), layout, rank)`): a
+/// non-const view does not deduce S in the overloads above.
+template <class S>
+  requires(!std::is_const_v<S>)
+tensor<S> shard(tensor_view<S> global, const ring_layout& layout, int rank) {
+  return shard(tensor_view<const S>(global), layout, rank);
+}
+template <class S>
+  requires(!std::is_const_v<S>)
+void shard(tensor_view<S> global, const ring_layout& layout, int rank, tensor_view<S> local) {
+  shard(tensor_view<const S>(global), layout, rank, local);
+}
+
 /// The inverse of shard(): writes rank `rank`'s `local` rows to their places in `global`.
 /// Calling it for every rank's shard rebuilds the whole tensor.
 template <class S>
 void unshard(tensor_view<const S> local, const ring_layout& layout, int rank, tensor_view<S> global) {
   detail::check_shard_shapes("relbias::distributed::unshard", global, local, layout, rank);
   for (const auto& w : layout.windows(rank)) detail::copy_rows(local, w.local_first, global, w.global_first, w.count);
+}
+template <class S>
+  requires(!std::is_const_v<S>)
+void unshard(tensor_view<S> local, const ring_layout& layout, int rank, tensor_view<S> global) {
+  unshard(tensor_view<const S>(local), layout, rank, global);
 }
 
 }  // namespace relbias::distributed
