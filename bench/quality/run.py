@@ -23,15 +23,15 @@ SEEDS = [0, 1, 2]
 
 # name -> (task, extra arguments, relative cost for the time estimate). Text: 2000 steps of 32
 # windows of 64 characters = 4.1 M training characters, a warm-up and a cosine decay over them;
-# small data: 350 steps over 5 % of the records (5.6 passes; the best validation point is kept);
-# probe: up to 1000 steps of 32 sequences, stopping once two curve points reach 0.99 accuracy.
+# small data: 300 steps over 5 % of the records (4.8 passes; the best validation point is kept);
+# probe: up to 800 steps of 32 sequences, stopping once two curve points reach 0.99 accuracy.
 # Together about 14 minutes on two idle cores (2026-12-03, Sapphire Rapids class): the 15 minutes
 # the whole comparison may take.
 # Longest first, so the two workers finish together.
 FULL = {
-    "text": ("text", ["--steps", "2000", "--batch", "32", "--eval-every", "100"], 1.0),
-    "small": ("text", ["--steps", "350", "--batch", "32", "--eval-every", "25", "--keep-every", "20"], 0.2),
-    "probe": ("probe", ["--steps", "1000", "--batch", "32", "--lr", "0.01", "--eval-every", "25"], 0.23),
+    "text": ("text", ["--steps", "2000", "--batch", "32", "--eval-every", "125"], 1.0),
+    "small": ("text", ["--steps", "300", "--batch", "32", "--eval-every", "50", "--keep-every", "20"], 0.17),
+    "probe": ("probe", ["--steps", "800", "--batch", "32", "--lr", "0.01", "--eval-every", "25"], 0.19),
 }
 # The budget check (--long): every scheme, seed 0, text only, 4x the training (16.4 M characters,
 # the schedule stretched over it), into OUT_DIR/long/: does the answer of the 15-minute run hold
