@@ -192,7 +192,7 @@ def probe_table(runs):
     if not groups:
         return []
     marks = ranking(groups, lambda r: r["probe_accuracy"], lower_is_better=False)
-    lines = ["| scheme | bias params | accuracy (best point) | runs solved (>= 0.99) | sequences to solve | steps run |",
+    lines = ["| scheme | bias params | test accuracy (best validation point) | runs solved (>= 0.99) | sequences to solve | steps run |",
              "|---" * 6 + "|"]
     for scheme, group in groups.items():
         solved = [solved_at(r) for r in group]
@@ -514,8 +514,9 @@ def setup_lines(runs):
     if probe:
         lines.append(f"Probe: sequences of {probe['seq']} random symbols (16), each token also carrying k in 5..9 for its "
                      f"sequence; target at position t >= k is the symbol at t - k. Up to {probe['steps']} steps of "
-                     f"{probe['batch']} fresh sequences, stopping once two curve points reach {SOLVED}; accuracy on 512 "
-                     "fixed test sequences (chance 1/16).")
+                     f"{probe['batch']} fresh sequences, stopping once two curve points reach {SOLVED}; the curve (and the "
+                     "choice of the weights) on 512 fixed validation sequences, the accuracy reported on 512 other fixed "
+                     "test sequences (chance 1/16).")
     lines.append(f"Converged: a run whose last quarter of training improved its best validation bits per character by "
                  f"less than {FLAT_BPC} (the probe: solved, or accuracy up by less than {FLAT_ACCURACY}). Ties: a "
                  "difference is read only where the seeds' ranges [min, max] do not overlap; **best** marks the best "

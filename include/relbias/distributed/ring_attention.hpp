@@ -538,7 +538,10 @@ void ring_attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v, con
                     output_tensor<S> o, output_span<S> lse, MPI_Comm comm, ring_workspace<S>& workspace) {
   // Preconditions
   constexpr const char* where = "relbias::distributed::ring_attention";
-  const auto [rank, size] = detail::rank_and_size(where, comm);
+  // Not a structured binding: the checks below capture rank and size in a lambda, which clang
+  // before 16 rejects for bindings (P1091).
+  const std::pair<int, int> rank_size = detail::rank_and_size(where, comm);
+  const int rank = rank_size.first, size = rank_size.second;
   detail::collective_check(where, comm, size, detail::make_record(q, k, v, options), options.layout, [&] {
     detail::check_ring_call(where, q, options, rank, size);
     relbias::detail::check_attention_call(where, q, k, v, bias, options.attention, o, lse);
@@ -571,7 +574,10 @@ void ring_attention_backward(input_tensor<S> q, input_tensor<S> k, input_tensor<
                              MPI_Comm comm, ring_workspace<S>& workspace) {
   // Preconditions
   constexpr const char* where = "relbias::distributed::ring_attention_backward";
-  const auto [rank, size] = detail::rank_and_size(where, comm);
+  // Not a structured binding: the checks below capture rank and size in a lambda, which clang
+  // before 16 rejects for bindings (P1091).
+  const std::pair<int, int> rank_size = detail::rank_and_size(where, comm);
+  const int rank = rank_size.first, size = rank_size.second;
   auto record = detail::make_record(q, k, v, options);
   record.bias_grad = bias_grad.empty() ? 0 : 1;  // all ranks or none take part in the bias-gradient sum
   detail::collective_check(where, comm, size, record, options.layout, [&] {
@@ -606,7 +612,10 @@ std::size_t ring_workspace<Scalar>::bytes() const noexcept {
 template <class S>
 tensor<S> allgather_shards(tensor_view<const S> local, const ring_layout& layout, MPI_Comm comm) {
   constexpr const char* where = "relbias::distributed::allgather_shards";
-  const auto [rank, size] = detail::rank_and_size(where, comm);
+  // Not a structured binding: the checks below capture rank and size in a lambda, which clang
+  // before 16 rejects for bindings (P1091).
+  const std::pair<int, int> rank_size = detail::rank_and_size(where, comm);
+  const int rank = rank_size.first, size = rank_size.second;
   if (size != layout.ranks())
     relbias::detail::fail(where, "layout.ranks() (" + std::to_string(layout.ranks()) + ") must equal the communicator size (" +
                                      std::to_string(size) + ")");
