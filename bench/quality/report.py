@@ -508,7 +508,8 @@ def setup_lines(runs):
                      f"({text['steps'] * text['batch'] * text['seq']:,} characters), the same windows in the same order for "
                      "every scheme of a seed.")
     if small:
-        lines.append(f"Small data: every 20th training record ({small['train_chars']:,} characters), {small['steps']} steps "
+        part = "1 KiB block of the training bytes" if small["vocab"] == 256 else "training record"
+        lines.append(f"Small data: every {small['keep_every']}th {part} ({small['train_chars']:,} symbols), {small['steps']} steps "
                      f"({small['steps'] * small['batch'] * small['seq'] / small['train_chars']:.1f} passes over it); "
                      "the best validation point is evaluated (early stopping).")
     if probe:
