@@ -173,7 +173,7 @@ def convergence_table(runs, name, probe):
         return []
     seeds = sorted({r["seed"] for g in groups.values() for r in g})
     unit = "accuracy" if probe else "bpc"
-    lines = [f"| scheme | " + " | ".join(f"seed {s}: last-quarter gain ({unit})" for s in seeds) +
+    lines = ["| scheme | " + " | ".join(f"seed {s}: last-quarter gain ({unit})" for s in seeds) +
              " | best point at (of the run) |", "|---" * (2 + len(seeds)) + "|"]
     for scheme, group in groups.items():
         cells = []
