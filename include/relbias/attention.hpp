@@ -315,11 +315,12 @@ void fused_forward(const forward_problem<S>& pb, const batch_layout& layout, con
 }
 
 /// The forward's contract: every argument check of relbias::attention, in its order. The ring
-/// (distributed/ring_attention.hpp) runs it on each rank's shard, so both entry points reject
-/// the same calls with the same messages.
-template <class Bias, class S>
-void check_attention_call(const char* where, const tensor_view<const S>& q, const tensor_view<const S>& k,
-                          const tensor_view<const S>& v, const Bias& bias, const attention_options<S>& options,
+/// (distributed/ring_attention.hpp) runs it on each rank's shard and the 16-bit forward
+/// (attention_half.hpp) on its own types, so every entry point rejects the same calls with the
+/// same messages. Q, KV: the element types of q and of k, v; S: of o, lse and the options.
+template <class Bias, class Q, class KV, class S>
+void check_attention_call(const char* where, const tensor_view<const Q>& q, const tensor_view<const KV>& k,
+                          const tensor_view<const KV>& v, const Bias& bias, const attention_options<S>& options,
                           const tensor_view<S>& o, std::span<S> lse) {
   check_qkv(where, q, k, v, index_t(bias.num_heads()), options);
   check_bias_mode(where, bias, options);

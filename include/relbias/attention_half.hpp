@@ -193,13 +193,7 @@ template <bias_policy Bias, class Q, class KV>
 void attention_storage(tensor_view<const Q> q, tensor_view<const KV> k, tensor_view<const KV> v, const Bias& bias,
                        const attention_options<float>& options, tensor_view<float> o, std::span<float> lse) {
   // Preconditions
-  constexpr const char* where = "relbias::attention";
-  check_qkv(where, q, k, v, index_t(bias.num_heads()), options);
-  check_bias_mode(where, bias, options);
-  check_sequences(where, q, k, options);
-  check_outputs(where, q, v, o, lse, false);
-  check_no_aliasing(where, {block_of("o", o), block_of("lse", lse)},
-                    {block_of("q", q), block_of("k", k), block_of("v", v), parameter_block(bias)});
+  check_attention_call("relbias::attention", q, k, v, bias, options, o, lse);
 
   const half_forward_problem<Q, KV> pb{q, k, v, o, lse, options.scale_for(q.dim), q.heads / k.heads, 1, 1, {}};
   const batch_layout layout = make_layout(options, q.batch, q.seq, k.seq);
