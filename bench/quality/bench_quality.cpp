@@ -158,10 +158,12 @@ void describe(const quality::text_corpus& corpus, bool every_file) {
   for (const std::string& f : corpus.held_out_files) std::printf("  held out  %s\n", f.c_str());
 }
 
+/// The training step's useful GFLOP/s (training_flops_per_step over its CPU time).
+double step_gflops(const quality::run_result& r) { return r.flops_per_step / (r.cpu_ms_per_step * 1e6); }
+
 void write_json(const std::string& path, const quality::run_config& c, const quality::run_result& r,
                 const quality::text_corpus* corpus, const std::vector<std::string>& corpus_paths, index_t keep_every,
                 double peak_gflops) {
-  const double step_gflops = r.flops_per_step / (r.cpu_ms_per_step * 1e6);
   std::ostringstream o;
   o << "{\n \"task\": \"" << c.task << "\", \"scheme\": \"" << c.scheme << "\", \"seed\": " << c.seed
     << ",\n \"steps\": " << c.steps << ", \"batch\": " << c.batch << ", \"seq\": " << c.seq
@@ -171,9 +173,9 @@ void write_json(const std::string& path, const quality::run_config& c, const qua
     << ", \"model_parameters\": " << r.model_parameters << ", \"ms_per_step\": " << json_number(r.ms_per_step)
     << ", \"cpu_ms_per_step\": " << json_number(r.cpu_ms_per_step) << ",\n \"steps_run\": " << r.steps_run
     << ", \"warmup_fraction\": " << json_number(c.warmup_fraction) << ", \"final_lr_fraction\": " << json_number(c.final_lr_fraction)
-    << ",\n \"flops_per_step\": " << json_number(r.flops_per_step) << ", \"step_gflops\": " << json_number(step_gflops)
+    << ",\n \"flops_per_step\": " << json_number(r.flops_per_step) << ", \"step_gflops\": " << json_number(step_gflops(r))
     << ", \"fma_peak_gflops_1_thread\": " << json_number(peak_gflops)
-    << ", \"peak_fraction\": " << json_number(step_gflops / peak_gflops) << ",\n \"best_x\": " << json_number(r.best_x)
+    << ", \"peak_fraction\": " << json_number(step_gflops(r) / peak_gflops) << ",\n \"best_x\": " << json_number(r.best_x)
     << ", \"validation_overlaps_test\": " << (r.validation_overlaps_test ? "true" : "false");
   if (corpus)
     o << ",\n \"train_chars\": " << corpus->train.size() << ", \"held_out_chars\": " << corpus->held_out.size()
@@ -233,10 +235,9 @@ int main(int argc, char** argv) try {
   const std::vector<std::string> corpus_paths =
       args.has("--corpus") ? args.all("--corpus") : std::vector<std::string>{args.get("--fortunes", "/usr/share/games/fortunes")};
   write_json(out, c, r, corpus ? &*corpus : nullptr, corpus_paths, keep_every, peak_gflops);
-  const double step_gflops = r.flops_per_step / (r.cpu_ms_per_step * 1e6);
   std::printf("%s %s seed %llu: %lld steps, %.1f ms/step (%.1f ms CPU, %.0f GFLOP/s, %.2f of the FMA peak), final train loss %.3f nats, %s %.3f\n",
               c.task.c_str(), c.scheme.c_str(), static_cast<unsigned long long>(c.seed), static_cast<long long>(r.steps_run),
-              r.ms_per_step, r.cpu_ms_per_step, step_gflops, step_gflops / peak_gflops, r.train_loss.back(),
+              r.ms_per_step, r.cpu_ms_per_step, step_gflops(r), step_gflops(r) / peak_gflops, r.train_loss.back(),
               c.task == "text" ? "held-out bpc at 1x" : "probe accuracy", c.task == "text" ? r.eval_bpc.front() : r.probe_accuracy);
   return 0;
 } catch (const std::exception& error) {

@@ -217,11 +217,7 @@ def long_date(out):
 
 def budget_check(runs, out):
     """The 15-minute run's seed 0 beside the same run trained 4x longer (OUT_DIR/long/)."""
-    long, text = groups_of(runs, "long"), groups_of(runs, "text")
-    if not long or not text:
-        return []
-    short = {s: [g[0]] for s, g in text.items() if s in long and g[0]["seed"] == long[s][0]["seed"]}
-    long = {s: g[:1] for s, g in long.items() if s in short}
+    short, long = budget_pairs(runs)
     if not short:
         return []
     first_long, first_short = next(iter(long.values()))[0], next(iter(short.values()))[0]
@@ -241,15 +237,23 @@ def budget_check(runs, out):
     return lines
 
 
-def budget_ranks(runs):
-    """One sentence: do the 1x and 16x orders of the main run (its seed) hold when trained 4x longer?"""
+def budget_pairs(runs):
+    """{scheme: [main run]}, {scheme: [4x run]} for the schemes and seed the budget check ran."""
     long, text = groups_of(runs, "long"), groups_of(runs, "text")
     if not long or not text:
+        return {}, {}
+    seed = next(iter(long.values()))[0]["seed"]
+    short = {s: [r for r in g if r["seed"] == seed][:1] for s, g in text.items() if s in long}
+    short = {s: g for s, g in short.items() if g}
+    return short, {s: g[:1] for s, g in long.items() if s in short}
+
+
+def budget_ranks(runs):
+    """One sentence: do the 1x and 16x orders of the main run (its seed) hold when trained 4x longer?"""
+    short, long = budget_pairs(runs)
+    if not short:
         return None
     seed = next(iter(long.values()))[0]["seed"]
-    short = {s: [r for r in g if r["seed"] == seed] for s, g in text.items() if s in long}
-    short = {s: g for s, g in short.items() if g}
-    long = {s: g[:1] for s, g in long.items() if s in short}
     parts = []
     for k, label in ((0, "1x"), (-1, "16x")):
         a = sorted(short, key=lambda s: short[s][0]["eval_bpc"][k])

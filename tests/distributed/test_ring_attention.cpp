@@ -352,25 +352,15 @@ bool untouched(const tensor<S>& o) {
   return std::all_of(o.data(), o.data() + o.size(), [](S x) { return std::isnan(x); });
 }
 
-template <class F>
-std::string message_of(F&& call) {
-  try {
-    call();
-  } catch (const std::invalid_argument& e) {
-    return e.what();
-  }
-  return "";
-}
-
 /// Forward and backward of this rank's call; returns both messages.
 template <class Bias, class S = typename Bias::scalar_type>
 std::pair<std::string, std::string> run_both(rank_call<S>& r, const Bias& bias, const ring_options<S>& options) {
-  const std::string forward = message_of([&] {
+  const std::string forward = relbias::detail::first_violation([&] {
     ring_attention(r.q.view(), r.k.view(), r.v.view(), bias, options, r.o.view(), std::span<S>(r.lse), MPI_COMM_WORLD);
   });
   std::vector<S> bias_grad;
   if constexpr (learned_bias<Bias>) bias_grad.assign(std::size_t(bias.parameters().size()), S(0));
-  const std::string backward = message_of([&] {
+  const std::string backward = relbias::detail::first_violation([&] {
     ring_attention_backward(r.q.view(), r.k.view(), r.v.view(), r.o.view(), r.d_out.view(), std::span<const S>(r.lse), bias,
                             options, r.dq.view(), r.dk.view(), r.dv.view(), std::span<S>(bias_grad), MPI_COMM_WORLD);
   });
@@ -437,7 +427,7 @@ TEST_CASE("ring_attention: shards must be the rows the layout object gives each 
     rank_call<double> r = cut(p, c, layout);
     const index_t rows = layout.shard_length(rank) - (rank == size - 1);
     const auto lse = std::span<double>(r.lse).first(std::size_t(c.batch * c.hq * rows));
-    const std::string short_rank = message_of([&] {
+    const std::string short_rank = relbias::detail::first_violation([&] {
       ring_attention(r.q.view().positions(0, rows), r.k.view().positions(0, rows), r.v.view().positions(0, rows), alibi<double>{c.hq},
                      {{.mask = masking::causal}, layout}, r.o.view().positions(0, rows), lse, MPI_COMM_WORLD);
     });
@@ -448,7 +438,7 @@ TEST_CASE("ring_attention: shards must be the rows the layout object gives each 
     CHECK(untouched(r.o));
 
     // A layout for another number of ranks, and (P > 1) the last rank given the other mode.
-    const std::string ranks = message_of([&] {
+    const std::string ranks = relbias::detail::first_violation([&] {
       ring_attention(r.q.view(), r.k.view(), r.v.view(), alibi<double>{c.hq}, {{}, ring_layout(c.length, size + 1, mode)},
                      r.o.view(), std::span<double>(r.lse), MPI_COMM_WORLD);
     });
@@ -456,7 +446,7 @@ TEST_CASE("ring_attention: shards must be the rows the layout object gives each 
                               std::to_string(size));
     if (size > 1) {
       const sharding other = mode == sharding::zigzag ? sharding::contiguous : sharding::zigzag;
-      const std::string modes = message_of([&] {
+      const std::string modes = relbias::detail::first_violation([&] {
         ring_attention(r.q.view(), r.k.view(), r.v.view(), alibi<double>{c.hq},
                        {{}, rank == size - 1 ? ring_layout(c.length, size, other) : layout}, r.o.view(), std::span<double>(r.lse),
                        MPI_COMM_WORLD);
@@ -477,12 +467,12 @@ TEST_CASE("ring_attention: outputs overlapping inputs on one rank are rejected o
   const ring_layout layout(c.length, size, sharding::zigzag);
   rank_call<double> r = cut(p, c, layout);
   const ring_options<double> options{{.mask = masking::causal}, layout};
-  const std::string forward = message_of([&] {
+  const std::string forward = relbias::detail::first_violation([&] {
     ring_attention(r.q.view(), r.k.view(), r.v.view(), alibi<double>{c.hq}, options, rank == size - 1 ? r.q.view() : r.o.view(),
                    std::span<double>(r.lse), MPI_COMM_WORLD);
   });
   check_rejected(forward, "rank " + std::to_string(size - 1) + ": relbias::distributed::ring_attention: o overlaps the input q");
-  const std::string backward = message_of([&] {
+  const std::string backward = relbias::detail::first_violation([&] {
     ring_attention_backward(r.q.view(), r.k.view(), r.v.view(), r.o.view(), r.d_out.view(), std::span<const double>(r.lse),
                             alibi<double>{c.hq}, options, rank == size - 1 ? r.q.view() : r.dq.view(), r.dk.view(), r.dv.view(),
                             std::span<double>(), MPI_COMM_WORLD);

@@ -140,7 +140,9 @@ void check_ring_call(const char* where, const tensor_view<const S>& q, const rin
 }
 
 /// The communicator's rank and size; MPI must be initialised and comm a valid intracommunicator.
-/// This check is local: a rank passing MPI_COMM_NULL cannot reach the others.
+/// This check is local: a rank passing MPI_COMM_NULL cannot reach the others. Callers copy the
+/// pair into named ints, not a structured binding: their checks capture rank and size in a
+/// lambda, which clang before 16 rejects for bindings (P1091).
 inline std::pair<int, int> rank_and_size(const char* where, MPI_Comm comm) {
   int initialised = 0, finalised = 0;
   MPI_Initialized(&initialised);
@@ -538,8 +540,6 @@ void ring_attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v, con
                     output_tensor<S> o, output_span<S> lse, MPI_Comm comm, ring_workspace<S>& workspace) {
   // Preconditions
   constexpr const char* where = "relbias::distributed::ring_attention";
-  // Not a structured binding: the checks below capture rank and size in a lambda, which clang
-  // before 16 rejects for bindings (P1091).
   const std::pair<int, int> rank_size = detail::rank_and_size(where, comm);
   const int rank = rank_size.first, size = rank_size.second;
   detail::collective_check(where, comm, size, detail::make_record(q, k, v, options), options.layout, [&] {
@@ -574,8 +574,6 @@ void ring_attention_backward(input_tensor<S> q, input_tensor<S> k, input_tensor<
                              MPI_Comm comm, ring_workspace<S>& workspace) {
   // Preconditions
   constexpr const char* where = "relbias::distributed::ring_attention_backward";
-  // Not a structured binding: the checks below capture rank and size in a lambda, which clang
-  // before 16 rejects for bindings (P1091).
   const std::pair<int, int> rank_size = detail::rank_and_size(where, comm);
   const int rank = rank_size.first, size = rank_size.second;
   auto record = detail::make_record(q, k, v, options);
@@ -612,8 +610,6 @@ std::size_t ring_workspace<Scalar>::bytes() const noexcept {
 template <class S>
 tensor<S> allgather_shards(tensor_view<const S> local, const ring_layout& layout, MPI_Comm comm) {
   constexpr const char* where = "relbias::distributed::allgather_shards";
-  // Not a structured binding: the checks below capture rank and size in a lambda, which clang
-  // before 16 rejects for bindings (P1091).
   const std::pair<int, int> rank_size = detail::rank_and_size(where, comm);
   const int rank = rank_size.first, size = rank_size.second;
   if (size != layout.ranks())
