@@ -14,6 +14,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -287,8 +288,10 @@ def speed_lines(runs):
 # ---- Plots -----------------------------------------------------------------------------------
 
 def stamp(fig, footer):
-    fig.text(0.005, 0.005, footer, fontsize=7, color="dimgray", ha="left", va="bottom")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    """The footer under the panels, wrapped to the figure's width (a narrow figure cut it off)."""
+    lines = textwrap.wrap(footer, width=int(fig.get_figwidth() * 19))
+    fig.text(0.005, 0.005, "\n".join(lines), fontsize=7, color="dimgray", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.015 + 0.022 * len(lines), 1, 1))
 
 
 def band_plot(ax, runs, name, x_of, y_of, label_x, label_y):
@@ -540,7 +543,7 @@ def main():
     date = datetime.datetime.fromtimestamp(last_run, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     seeds = sorted({r["seed"] for group in runs.values() for r in group})
     kind = "QUICK run: a smoke test, not an answer" if quick else "full run"
-    footer = f"{kind} | {date} | {machine()} | commit {commit()} | {command}"
+    footer = f"{kind} | runs ended {date} | {machine()} | report at commit {commit()} | {command}"
 
     plot_text_panels(runs, out, "extrapolation.png", "Train at 64, test longer", lambda r: r["eval_lengths"],
                      lambda r: r["eval_bpc"], "evaluation length (characters, log scale)", "held-out bits per character",
@@ -554,7 +557,7 @@ def main():
     plot_losses(runs, out, footer)
 
     answer_lines = answer(runs)
-    body = [f"Command: `{command}`; {date}; {machine()}; commit {commit()}; seeds {', '.join(map(str, seeds))} "
+    body = [f"Command: `{command}`; runs ended {date}; {machine()}; report written at commit {commit()}; seeds {', '.join(map(str, seeds))} "
             "(each cell: mean [min, max] over seeds).", ""]
     if quick:
         body += ["**A quick run: a smoke test of the pipeline, far from converged. Its numbers answer nothing.**", ""]
