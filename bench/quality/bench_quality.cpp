@@ -195,6 +195,15 @@ void write_json(const std::string& path, const quality::run_config& c, const qua
   std::ofstream(path) << o.str();
 }
 
+/// The model's shape from the command line: sizes positive, heads dividing d_model.
+void check_model(const quality::model_config& m) {
+  if (m.d_model < 1 || m.heads < 1 || m.layers < 1 || m.mlp_ratio < 1)
+    throw std::invalid_argument("--d-model, --heads, --layers and --mlp-ratio must be >= 1, got " + std::to_string(m.d_model) + ", " +
+                                std::to_string(m.heads) + ", " + std::to_string(m.layers) + ", " + std::to_string(m.mlp_ratio));
+  if (m.d_model % m.heads != 0)
+    throw std::invalid_argument("--heads = " + std::to_string(m.heads) + " must divide --d-model = " + std::to_string(m.d_model));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -210,6 +219,11 @@ int main(int argc, char** argv) try {
   c.learning_rate = float(args.get_number("--lr", double(c.learning_rate)));
   c.curve_eval_chars = args.get_int("--curve-eval-chars", c.curve_eval_chars);
   c.final_eval_chars = args.get_int("--final-eval-chars", c.final_eval_chars);
+  c.model.d_model = args.get_int("--d-model", c.model.d_model);
+  c.model.heads = args.get_int("--heads", c.model.heads);
+  c.model.layers = args.get_int("--layers", c.model.layers);
+  c.model.mlp_ratio = args.get_int("--mlp-ratio", c.model.mlp_ratio);
+  check_model(c.model);
   const index_t keep_every = args.get_int("--keep-every", 1);
   const std::string out = args.get("--out", "");
   const bool check_only = args.has("--check");
