@@ -36,10 +36,12 @@ BEGIN, END = "<!-- quality: begin (bench/quality/report.py writes this part) -->
 
 
 def load_runs(out):
-    """(name, scheme) -> runs sorted by seed; name: text, small, probe, and long (the budget check,
-    OUT_DIR/long/, kept when the main runs are redone)."""
+    """(name, scheme) -> runs sorted by seed; name: text, small, probe, long (the budget check,
+    OUT_DIR/long/, kept when the main runs are redone) and small1200 (the small-data runs trained
+    4x longer, OUT_DIR/small_1200/, see its command.txt)."""
     runs = defaultdict(list)
-    for path in sorted((out / "runs").glob("*.json")) + sorted((out / "long").glob("*.json")):
+    kept = [out / "runs", out / "long", out / "small_1200"]
+    for path in [p for folder in kept for p in sorted(folder.glob("*.json"))]:
         run = json.loads(path.read_text())
         runs[(path.name.split("_")[0], run["scheme"])].append(run)
     for key in runs:
@@ -440,6 +442,10 @@ def answer(runs):
         lines.append(best_sentence(small, lambda r: r["eval_bpc"][0], "On 5 % of the data, at 1x"))
         lengths = next(iter(small.values()))[0]["eval_lengths"]
         lines.append(best_sentence(small, lambda r: r["eval_bpc"][-1], f"On 5 % of the data, at {lengths[-1]} characters"))
+    longer = groups_of(runs, "small1200")
+    if longer:
+        lines.append(best_sentence(longer, lambda r: r["eval_bpc"][0], "On 5 % of the data trained 4x longer (1200 steps), at 1x"))
+        lines.append(best_sentence(longer, lambda r: r["eval_bpc"][-1], "The same, at 16x"))
     if probe:
         lines.append(best_sentence(probe, lambda r: r["probe_accuracy"], "Probe accuracy (copy k = 5..9 back)",
                                    lower_is_better=False))
@@ -449,7 +455,7 @@ def answer(runs):
                  (f" ({np.mean([r['cpu_ms_per_step'] for r in g]) / base:.2f}x)" if base else "") for s, g in text.items()]
         lines.append("Cost, CPU ms per training step (one thread, x no bias): " + ", ".join(costs))
         counts = []
-        for name, label in (("text", "all-data"), ("small", "small-data")):
+        for name, label in (("text", "all-data"), ("small", "small-data"), ("small1200", "small-data 4x longer")):
             group = [r for g in groups_of(runs, name).values() for r in g]
             if group:
                 gains = [last_quarter_gain(r, False) for r in group]
