@@ -17,6 +17,7 @@
 // std::invalid_argument (widen to float and call the float backward).
 
 #include "relbias/attention.hpp"
+#include "relbias/detail/amx_forward.hpp"
 #include "relbias/detail/storage.hpp"
 
 #include <algorithm>
@@ -195,10 +196,17 @@ void attention_storage(tensor_view<const Q> q, tensor_view<const KV> k, tensor_v
   // Preconditions
   check_attention_call("relbias::attention", q, k, v, bias, options, o, lse);
 
-  const half_forward_problem<Q, KV> pb{q, k, v, o, lse, options.scale_for(q.dim), q.heads / k.heads, 1, 1, {}};
   const batch_layout layout = make_layout(options, q.batch, q.seq, k.seq);
   const int threads = thread_count(options.num_threads);
   const auto plan = make_bias_plan(bias, visited_window(layout), threads);
+  if constexpr (std::same_as<KV, Eigen::bfloat16>) {
+    if (options.compute == compute_precision::bf16 && amx::usable()) {
+      const bf16_forward_problem<Q> pb{q, k, v, o, lse, options.scale_for(q.dim), q.heads / k.heads};
+      bf16_fused_forward(pb, layout, plan, threads);
+      return;
+    }
+  }
+  const half_forward_problem<Q, KV> pb{q, k, v, o, lse, options.scale_for(q.dim), q.heads / k.heads, 1, 1, {}};
   half_fused_forward(pb, layout, plan, threads);
 }
 
@@ -211,7 +219,9 @@ void attention_storage(tensor_view<const Q> q, tensor_view<const KV> k, tensor_v
 /// computes in float, so O is attention() of the widened tensors up to float rounding; against
 /// unrounded float inputs it differs by the format's rounding (unit_roundoff<T>(), README,
 /// "Storage precision"). Everything else (shapes, strides, GQA, options, errors, rows that see no
-/// key) is as for the float attention().
+/// key) is as for the float attention(). options.compute = compute_precision::bf16 with bfloat16
+/// k and v multiplies in bf16 on AMX where the CPU has it (q rounded to bf16 if float, P to bf16;
+/// the error bound is in docs/storage.md), and widens as above elsewhere.
 template <bias_policy Bias, class Q, class K, class V>
   requires std::same_as<typename Bias::scalar_type, float> && half_attention_inputs<Q, K, V>
 void attention(tensor_view<Q> q, tensor_view<K> k, tensor_view<V> v, const Bias& bias, const attention_options<float>& options,

@@ -15,6 +15,16 @@
 
 namespace relbias {
 
+/// How the 16-bit forward (attention_half.hpp) multiplies bfloat16 q, k, v:
+///   fp32  every element widened to float, products and softmax in float: attention() of the
+///         widened tensors up to float rounding (the default, on every CPU);
+///   bf16  Q K^T and P V as bf16 products with float accumulation on Intel AMX where the CPU
+///         has it (P rounded to bf16; docs/storage.md gives the error bound), the fp32 path
+///         elsewhere and for Eigen::half storage. For prefill and training-sized calls: a
+///         decoding step is limited by reading the cache, not by products.
+/// Float and double inputs ignore it.
+enum class compute_precision { fp32, bf16 };
+
 template <std::floating_point Scalar>
 struct attention_options {
   masking mask = masking::bidirectional;
@@ -31,6 +41,7 @@ struct attention_options {
   sequence_list sequences{};
   std::optional<Scalar> scale{};      // multiplies Q K^T (not the bias); default 1/sqrt(dim), T5 uses 1
   int num_threads = 0;                // fused kernels: 0 = OpenMP's default; ignored without OpenMP
+  compute_precision compute = compute_precision::fp32;  // bfloat16 inputs only: see compute_precision
 
   Scalar scale_for(index_t dim) const { return scale ? *scale : Scalar(1) / std::sqrt(Scalar(dim)); }
   offset_band band() const noexcept { return offset_band::of(mask, sliding_window); }

@@ -1,0 +1,314 @@
+#pragma once
+// Intel AMX (Advanced Matrix Extensions) for the bf16 forward (amx_forward.hpp): the only file
+// with AMX intrinsics, and with the AVX-512 intrinsics of that path's softmax.
+//
+// Every function that uses them is compiled for those instructions by a target attribute, not
+// by the build's flags: a build without -mamx-tile (or -march=native on an older machine) still
+// compiles them, and they run only after detection (usable()) found the CPU and the kernel ready.
+// A compiler without AMX intrinsics (GCC < 11, Clang < 12, non-x86) gets the portable stubs at
+// the bottom: usable() is false there and the callers take the widening path.
+//
+// Detection, once per process (Intel SDM vol. 1 ch. 13 and 18; Linux Documentation/arch/x86/xstate.rst):
+//   - CPUID leaf 7: EDX bit 24 AMX-TILE, bit 22 AMX-BF16; EBX bits 16, 30, 31 AVX-512 F, BW, VL;
+//     leaf 7 subleaf 1 EAX bit 5 AVX512_BF16 (the softmax's float -> bf16 rounding);
+//   - XCR0 (xgetbv): the OS saves the ZMM (bits 5-7) and tile (bits 17, 18) states;
+//   - Linux: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 18) grants this process the
+//     8 KiB tile state (without it the first tile instruction is a SIGILL); the grant covers every
+//     thread of the process.
+// The environment variable RELBIAS_NO_AMX (set to anything but "0" or "") turns the path off for
+// the whole process, and set_disabled() within it (tests compare both paths in one run).
+//
+// Tiles: every tile here is 16 rows of 64 bytes (palette 1), one configuration for everything:
+//   C: 16 x 16 floats;  A: 16 rows x 32 bf16;  B: 16 "pair rows" x 16 columns x 2 bf16, the VNNI
+//   layout: B row kk holds (B[2kk][n], B[2kk+1][n]) for n < 16, so that tdpbf16ps computes
+//   C[m][n] += sum over kk of A[m][2kk] B[2kk][n] + A[m][2kk+1] B[2kk+1][n] in float.
+
+#include "relbias/detail/eigen.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && \
+    (__has_include(<amxtileintrin.h>) || __has_include(<amxintrin.h>))
+#if defined(__GNUC__) && !defined(__clang__)  // GCC 12's AVX-512 headers (GCC bug 105593), as eigen.hpp
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#endif
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+namespace relbias::detail::amx {
+
+/// This build has the AMX code (the CPU may still lack AMX: usable()).
+inline constexpr bool compiled = true;
+
+/// Palette 1, tiles 0-7 of 16 rows x 64 bytes (LDTILECFG's 64-byte operand). A constant with
+/// static storage: GCC's _tile_loadconfig tells the compiler it reads 8 bytes, so the other 56
+/// must never be stores the compiler could drop.
+struct alignas(64) tile_config {
+  std::uint8_t palette_id;
+  std::uint8_t start_row;
+  std::uint8_t reserved[14];
+  std::uint16_t bytes_per_row[16];
+  std::uint8_t rows[16];
+};
+inline constexpr tile_config all_tiles_16x64{1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
+/// The CPU and the OS support AMX-BF16 with AVX-512 F/BW/VL/BF16, and Linux granted the tile state.
+inline bool detect() noexcept {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  __cpuid_count(1, 0, a, b, c, d);
+  if (!((c >> 27) & 1u)) return false;  // OSXSAVE: xgetbv is allowed
+  __cpuid_count(7, 0, a, b, c, d);
+  const bool tile = (d >> 24) & 1u, bf16_tiles = (d >> 22) & 1u;
+  const bool avx512 = ((b >> 16) & 1u) && ((b >> 30) & 1u) && ((b >> 31) & 1u);
+  __cpuid_count(7, 1, a, b, c, d);
+  const bool avx512_bf16 = (a >> 5) & 1u;
+  if (!tile || !bf16_tiles || !avx512 || !avx512_bf16) return false;
+  unsigned xcr0_low = 0, xcr0_high = 0;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_low), "=d"(xcr0_high) : "c"(0u));
+  constexpr unsigned zmm_states = 0xe0u | 0x6u, tile_states = 3u << 17;  // opmask, ZMM, SSE, AVX; XTILECFG, XTILEDATA
+  if ((xcr0_low & zmm_states) != zmm_states || (xcr0_low & tile_states) != tile_states) return false;
+  constexpr long arch_req_xcomp_perm = 0x1023, xfeature_xtiledata = 18;  // <asm/prctl.h>, arch/x86/include/asm/fpu/types.h
+  return syscall(SYS_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0;
+}
+
+#else  // no AMX intrinsics in this compiler, or not x86-64 Linux: the portable fallback
+
+namespace relbias::detail::amx {
+
+inline constexpr bool compiled = false;
+inline bool detect() noexcept { return false; }
+
+#endif
+
+/// RELBIAS_NO_AMX set to anything but "" or "0".
+inline bool disabled_by_environment() noexcept {
+  const char* value = std::getenv("RELBIAS_NO_AMX");
+  return value && *value && std::strcmp(value, "0") != 0;
+}
+
+/// Detected once per process (the arch_prctl call included).
+inline bool detected() noexcept {
+  static const bool result = detect();
+  return result;
+}
+
+inline std::atomic<bool>& disabled_flag() noexcept {
+  static std::atomic<bool> flag{disabled_by_environment()};
+  return flag;
+}
+
+/// Turns the AMX path off (true) or back on for the rest of the process; for tests and
+/// benchmarks that compare both paths. Starts as RELBIAS_NO_AMX says.
+inline void set_disabled(bool disabled) noexcept { disabled_flag().store(disabled); }
+
+/// The bf16 forward runs on AMX: compiled in, detected, not disabled.
+inline bool usable() noexcept { return compiled && !disabled_flag().load() && detected(); }
+
+}  // namespace relbias::detail::amx
+
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && \
+    (__has_include(<amxtileintrin.h>) || __has_include(<amxintrin.h>))
+
+namespace relbias::detail::amx {
+
+// GCC's tile intrinsics are asm statements without memory operands: the empty asm with a memory
+// clobber at entry and exit keeps the compiler from moving the caller's loads and stores across
+// them once the function is inlined (a -march=native build on an AMX machine may inline it).
+
+/// Loads the 16 x 64-byte configuration on this thread: before the first tile instruction of a
+/// work item.
+__attribute__((target("amx-tile"))) inline void configure() noexcept {
+  _tile_loadconfig(&all_tiles_16x64);
+  __asm__ volatile("" ::: "memory");
+}
+
+/// Returns the tile state to its initial (unused) state: after a work item, so that the thread
+/// does not carry 8 KiB of tile state through context switches.
+__attribute__((target("amx-tile"))) inline void release() noexcept {
+  __asm__ volatile("" ::: "memory");
+  _tile_release();
+}
+
+/// out[32 rows][32 chunks] (floats, out_stride floats apart) = Q K^T over `chunks` chunks of 32 keys.
+///   q: 32 rows of d_chunks * 32 bf16, q_stride elements apart (rows past the real ones zero);
+///   k: packed keys (pack_keys): per 16 keys, d_chunks * 16 pair rows of 16 keys x 2 bf16;
+///      chunk t's two 16-key halves start at k + t * 32 * 32 * d_chunks and 16 * 32 * d_chunks later.
+/// Tiles: C 0-3 (2 x 2 blocks of 16 x 16), A 4-5 (the two 16-row halves), B 6-7 (the two key halves).
+__attribute__((target("amx-tile,amx-bf16"))) inline void scores(const std::uint16_t* q, std::ptrdiff_t q_stride,
+                                                                const std::uint16_t* k, std::ptrdiff_t d_chunks,
+                                                                std::ptrdiff_t chunks, float* out, std::ptrdiff_t out_stride) noexcept {
+  __asm__ volatile("" ::: "memory");
+  const std::ptrdiff_t half = 16 * 32 * d_chunks, q_bytes = q_stride * 2, out_bytes = out_stride * 4;
+  const std::uint16_t* q_low = q + 16 * q_stride;
+  for (std::ptrdiff_t t = 0; t < chunks; ++t) {
+    const std::uint16_t* keys = k + 2 * half * t;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (std::ptrdiff_t c = 0; c < d_chunks; ++c) {
+      _tile_loadd(4, q + 32 * c, q_bytes);
+      _tile_loadd(5, q_low + 32 * c, q_bytes);
+      _tile_loadd(6, keys + 512 * c, 64);
+      _tile_loadd(7, keys + half + 512 * c, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    float* o = out + 32 * t;
+    _tile_stored(0, o, out_bytes);
+    _tile_stored(1, o + 16, out_bytes);
+    _tile_stored(2, o + 16 * out_stride, out_bytes);
+    _tile_stored(3, o + 16 * out_stride + 16, out_bytes);
+  }
+  __asm__ volatile("" ::: "memory");
+}
+
+/// acc[halves * 16 rows][v_tiles * 16] (floats, acc_stride apart) += P V over `chunks` chunks of 32 keys.
+///   p: bf16 probabilities, p_stride elements apart, chunk t at p + 32 t;
+///   v: packed values (pack_values): per 32 keys, 16 pair rows of v_tiles * 16 columns x 2 bf16.
+/// halves: 1 or 2 (16 or 32 rows). Tiles: C 0-3 (four column tiles at a time), A 4, B 5-7.
+__attribute__((target("amx-tile,amx-bf16"))) inline void values(const std::uint16_t* p, std::ptrdiff_t p_stride,
+                                                                const std::uint16_t* v, std::ptrdiff_t v_tiles,
+                                                                std::ptrdiff_t chunks, int halves, float* acc,
+                                                                std::ptrdiff_t acc_stride) noexcept {
+  __asm__ volatile("" ::: "memory");
+  const std::ptrdiff_t v_row = 32 * v_tiles, chunk = 16 * v_row, v_bytes = v_row * 2, acc_bytes = acc_stride * 4;
+  for (int h = 0; h < halves; ++h) {
+    const std::uint16_t* p_rows = p + 16 * h * p_stride;
+    float* acc_rows = acc + 16 * h * acc_stride;
+    for (std::ptrdiff_t j = 0; j < v_tiles; j += 4) {
+      const std::ptrdiff_t n = std::min<std::ptrdiff_t>(4, v_tiles - j);
+      float* c = acc_rows + 16 * j;
+      _tile_loadd(0, c, acc_bytes);
+      if (n > 1) _tile_loadd(1, c + 16, acc_bytes);
+      if (n > 2) _tile_loadd(2, c + 32, acc_bytes);
+      if (n > 3) _tile_loadd(3, c + 48, acc_bytes);
+      for (std::ptrdiff_t t = 0; t < chunks; ++t) {
+        const std::uint16_t* b = v + t * chunk + 32 * j;
+        _tile_loadd(4, p_rows + 32 * t, p_stride * 2);
+        _tile_loadd(5, b, v_bytes);
+        _tile_dpbf16ps(0, 4, 5);
+        if (n > 1) {
+          _tile_loadd(6, b + 32, v_bytes);
+          _tile_dpbf16ps(1, 4, 6);
+        }
+        if (n > 2) {
+          _tile_loadd(7, b + 64, v_bytes);
+          _tile_dpbf16ps(2, 4, 7);
+        }
+        if (n > 3) {
+          _tile_loadd(5, b + 96, v_bytes);
+          _tile_dpbf16ps(3, 4, 5);
+        }
+      }
+      _tile_stored(0, c, acc_bytes);
+      if (n > 1) _tile_stored(1, c + 16, acc_bytes);
+      if (n > 2) _tile_stored(2, c + 32, acc_bytes);
+      if (n > 3) _tile_stored(3, c + 48, acc_bytes);
+    }
+  }
+  __asm__ volatile("" ::: "memory");
+}
+
+/// Lanes [0, n) of a 16-lane mask, n in [0, 16].
+inline __mmask16 first_lanes(std::ptrdiff_t n) noexcept { return __mmask16((1u << unsigned(n)) - 1u); }
+
+/// x[c] = x[c] * scale + bias[c] (bias null: 0) for c < n, in place; returns the largest x
+/// (-inf for n = 0). A NaN may be dropped from the maximum; exp_to_bf16 passes it on.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline float scale_bias_max(float* x, std::ptrdiff_t n, float scale,
+                                                                                 const float* bias) noexcept {
+  const __m512 s = _mm512_set1_ps(scale);
+  __m512 m = _mm512_set1_ps(-__builtin_inff());
+  std::ptrdiff_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    const __m512 y = bias ? _mm512_fmadd_ps(_mm512_loadu_ps(x + c), s, _mm512_loadu_ps(bias + c)) : _mm512_mul_ps(_mm512_loadu_ps(x + c), s);
+    _mm512_storeu_ps(x + c, y);
+    m = _mm512_max_ps(m, y);
+  }
+  if (c < n) {
+    const __mmask16 lanes = first_lanes(n - c);
+    const __m512 raw = _mm512_maskz_loadu_ps(lanes, x + c);
+    const __m512 y = bias ? _mm512_fmadd_ps(raw, s, _mm512_maskz_loadu_ps(lanes, bias + c)) : _mm512_mul_ps(raw, s);
+    _mm512_mask_storeu_ps(x + c, lanes, y);
+    m = _mm512_mask_max_ps(m, lanes, m, y);
+  }
+  return _mm512_reduce_max_ps(m);
+}
+
+/// exp(x) in 16 lanes, within 2 float ulps for x <= 0 (Cody-Waite reduction x = n ln 2 + r,
+/// |r| <= ln 2 / 2, Taylor series of e^r to degree 7: truncation below 2^-27); exactly 0 below
+/// -110 and for -inf, NaN for NaN (vmaxps returns its second operand when one is NaN).
+__attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) noexcept {
+  x = _mm512_max_ps(_mm512_set1_ps(-110.0f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 = 0.693359375 - 2.12194440e-4 (Cephes)
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+/// out[c] = bf16(exp(x[c] - shift)) for c < n, rounded to nearest even (vcvtneps2bf16); returns
+/// the float sum of the unrounded exponentials, in a fixed order.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline float exp_to_bf16(const float* x, std::ptrdiff_t n, float shift,
+                                                                                        std::uint16_t* out) noexcept {
+  const __m512 sh = _mm512_set1_ps(shift);
+  __m512 sum = _mm512_setzero_ps();
+  std::ptrdiff_t c = 0;
+  for (; c + 16 <= n; c += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + c), sh));
+    sum = _mm512_add_ps(sum, e);
+    const __m256bh rounded = _mm512_cvtneps_pbh(e);
+    std::memcpy(out + c, &rounded, sizeof(rounded));
+  }
+  if (c < n) {
+    const __mmask16 lanes = first_lanes(n - c);
+    const __m512 e = _mm512_maskz_mov_ps(lanes, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + c), sh)));
+    sum = _mm512_add_ps(sum, e);
+    const __m256bh rounded = _mm512_cvtneps_pbh(e);
+    __m256i bits;
+    std::memcpy(&bits, &rounded, sizeof(bits));
+    _mm256_mask_storeu_epi16(out + c, lanes, bits);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+}  // namespace relbias::detail::amx
+
+#else
+
+namespace relbias::detail::amx {
+
+// Never called (usable() is false): they keep the callers compiling everywhere.
+inline void configure() noexcept {}
+inline void release() noexcept {}
+inline void scores(const std::uint16_t*, std::ptrdiff_t, const std::uint16_t*, std::ptrdiff_t, std::ptrdiff_t, float*, std::ptrdiff_t) noexcept {}
+inline void values(const std::uint16_t*, std::ptrdiff_t, const std::uint16_t*, std::ptrdiff_t, std::ptrdiff_t, int, float*,
+                   std::ptrdiff_t) noexcept {}
+inline float scale_bias_max(float*, std::ptrdiff_t, float, const float*) noexcept { return 0.0f; }
+inline float exp_to_bf16(const float*, std::ptrdiff_t, float, std::uint16_t*) noexcept { return 0.0f; }
+
+}  // namespace relbias::detail::amx
+
+#endif
