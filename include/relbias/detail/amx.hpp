@@ -181,46 +181,46 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void scores(const std::uint1
 /// acc[halves * 16 rows][v_tiles * 16] (floats, acc_stride apart) += P V over `chunks` chunks of 32 keys.
 ///   p: bf16 probabilities, p_stride elements apart, chunk t at p + 32 t;
 ///   v: packed values (pack_values): per 32 keys, 16 pair rows of v_tiles * 16 columns x 2 bf16.
-/// halves: 1 or 2 (16 or 32 rows). Tiles: C 0-3 (four column tiles at a time), A 4, B 5-7.
+/// Only the column tiles [first_tile, end_tile) (a caller interleaves the pairs with other work).
+/// halves: 1 or 2 (16 or 32 rows). Tiles: C 0-3 (2 x 2 blocks: two row halves, two column
+/// tiles), A 4-5 (P of the two halves), B 6-7 (two column tiles): 4 loads per 4 products.
 __attribute__((target("amx-tile,amx-bf16"))) inline void values(const std::uint16_t* p, std::ptrdiff_t p_stride,
                                                                 const std::uint16_t* v, std::ptrdiff_t v_tiles,
+                                                                std::ptrdiff_t first_tile, std::ptrdiff_t end_tile,
                                                                 std::ptrdiff_t chunks, int halves, float* acc,
                                                                 std::ptrdiff_t acc_stride) noexcept {
   __asm__ volatile("" ::: "memory");
-  const std::ptrdiff_t v_row = 32 * v_tiles, chunk = 16 * v_row, v_bytes = v_row * 2, acc_bytes = acc_stride * 4;
-  for (int h = 0; h < halves; ++h) {
-    const std::uint16_t* p_rows = p + 16 * h * p_stride;
-    float* acc_rows = acc + 16 * h * acc_stride;
-    for (std::ptrdiff_t j = 0; j < v_tiles; j += 4) {
-      const std::ptrdiff_t n = std::min<std::ptrdiff_t>(4, v_tiles - j);
-      float* c = acc_rows + 16 * j;
-      _tile_loadd(0, c, acc_bytes);
-      if (n > 1) _tile_loadd(1, c + 16, acc_bytes);
-      if (n > 2) _tile_loadd(2, c + 32, acc_bytes);
-      if (n > 3) _tile_loadd(3, c + 48, acc_bytes);
-      for (std::ptrdiff_t t = 0; t < chunks; ++t) {
-        const std::uint16_t* b = v + t * chunk + 32 * j;
-        _tile_loadd(4, p_rows + 32 * t, p_stride * 2);
-        _tile_loadd(5, b, v_bytes);
-        _tile_dpbf16ps(0, 4, 5);
-        if (n > 1) {
-          _tile_loadd(6, b + 32, v_bytes);
-          _tile_dpbf16ps(1, 4, 6);
-        }
-        if (n > 2) {
-          _tile_loadd(7, b + 64, v_bytes);
-          _tile_dpbf16ps(2, 4, 7);
-        }
-        if (n > 3) {
-          _tile_loadd(5, b + 96, v_bytes);
-          _tile_dpbf16ps(3, 4, 5);
-        }
+  const std::ptrdiff_t v_row = 32 * v_tiles, chunk = 16 * v_row, v_bytes = v_row * 2, acc_bytes = acc_stride * 4, p_bytes = p_stride * 2;
+  const bool low = halves > 1;
+  float* acc_low = acc + 16 * acc_stride;
+  const std::uint16_t* p_low = p + 16 * p_stride;
+  for (std::ptrdiff_t j = first_tile; j < end_tile; j += 2) {
+    const bool pair = j + 1 < end_tile;
+    float* c = acc + 16 * j;
+    float* c_low = acc_low + 16 * j;
+    _tile_loadd(0, c, acc_bytes);
+    if (pair) _tile_loadd(1, c + 16, acc_bytes);
+    if (low) _tile_loadd(2, c_low, acc_bytes);
+    if (low && pair) _tile_loadd(3, c_low + 16, acc_bytes);
+    for (std::ptrdiff_t t = 0; t < chunks; ++t) {
+      const std::uint16_t* b = v + t * chunk + 32 * j;
+      _tile_loadd(4, p + 32 * t, p_bytes);
+      _tile_loadd(6, b, v_bytes);
+      _tile_dpbf16ps(0, 4, 6);
+      if (pair) {
+        _tile_loadd(7, b + 32, v_bytes);
+        _tile_dpbf16ps(1, 4, 7);
       }
-      _tile_stored(0, c, acc_bytes);
-      if (n > 1) _tile_stored(1, c + 16, acc_bytes);
-      if (n > 2) _tile_stored(2, c + 32, acc_bytes);
-      if (n > 3) _tile_stored(3, c + 48, acc_bytes);
+      if (low) {
+        _tile_loadd(5, p_low + 32 * t, p_bytes);
+        _tile_dpbf16ps(2, 5, 6);
+        if (pair) _tile_dpbf16ps(3, 5, 7);
+      }
     }
+    _tile_stored(0, c, acc_bytes);
+    if (pair) _tile_stored(1, c + 16, acc_bytes);
+    if (low) _tile_stored(2, c_low, acc_bytes);
+    if (low && pair) _tile_stored(3, c_low + 16, acc_bytes);
   }
   __asm__ volatile("" ::: "memory");
 }
@@ -294,6 +294,31 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline float exp
   return _mm512_reduce_add_ps(sum);
 }
 
+/// The tile units' peak, for the benchmarks (bench/peak.hpp): `rounds` rounds of 4 independent
+/// tdpbf16ps on tiles loaded once (16 x 16 x 32 multiply-adds each, no memory traffic); returns
+/// the FLOPs done. Needs configure() on this thread first.
+__attribute__((target("amx-tile,amx-bf16"))) inline double tile_product_rounds(long rounds) noexcept {
+  alignas(64) static const std::uint16_t ones[16 * 32] = {};  // zeros: the products' values do not matter
+  alignas(64) float sink[16 * 16];
+  _tile_loadd(4, ones, 64);
+  _tile_loadd(5, ones, 64);
+  _tile_loadd(6, ones, 64);
+  _tile_loadd(7, ones, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (long n = 0; n < rounds; ++n) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, sink, 64);
+  __asm__ volatile("" : : "r"(sink) : "memory");
+  return 4.0 * 2 * 16 * 16 * 32 * double(rounds);
+}
+
 }  // namespace relbias::detail::amx
 
 #else
@@ -304,10 +329,11 @@ namespace relbias::detail::amx {
 inline void configure() noexcept {}
 inline void release() noexcept {}
 inline void scores(const std::uint16_t*, std::ptrdiff_t, const std::uint16_t*, std::ptrdiff_t, std::ptrdiff_t, float*, std::ptrdiff_t) noexcept {}
-inline void values(const std::uint16_t*, std::ptrdiff_t, const std::uint16_t*, std::ptrdiff_t, std::ptrdiff_t, int, float*,
-                   std::ptrdiff_t) noexcept {}
+inline void values(const std::uint16_t*, std::ptrdiff_t, const std::uint16_t*, std::ptrdiff_t, std::ptrdiff_t, std::ptrdiff_t,
+                   std::ptrdiff_t, int, float*, std::ptrdiff_t) noexcept {}
 inline float scale_bias_max(float*, std::ptrdiff_t, float, const float*) noexcept { return 0.0f; }
 inline float exp_to_bf16(const float*, std::ptrdiff_t, float, std::uint16_t*) noexcept { return 0.0f; }
+inline double tile_product_rounds(long) noexcept { return 0.0; }
 
 }  // namespace relbias::detail::amx
 
