@@ -39,6 +39,16 @@ double max_relative_error(relbias::tensor_view<const S> a, relbias::tensor_view<
   return worst;
 }
 
+/// A copy of `from` with its elements converted to To (relbias::convert: float to bf16 or half
+/// rounds to nearest even).
+template <class To, class From>
+relbias::tensor<To> copy_as(const relbias::tensor<From>& from) {
+  const auto v = from.view();
+  relbias::tensor<To> to(v.batch, v.seq, v.heads, v.dim);
+  relbias::convert(v, to.view());
+  return to;
+}
+
 /// The same logical tensor copied into [batch, heads, seq, dim] memory (view it with bhsd()).
 template <class S>
 std::vector<S> to_bhsd(const relbias::tensor<S>& t) {

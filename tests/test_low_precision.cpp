@@ -18,6 +18,7 @@
 #include <vector>
 
 using namespace relbias;
+using relbias_test::copy_as;
 using relbias_test::max_relative_error;
 using relbias_test::random_tensor;
 
@@ -37,15 +38,6 @@ float decode_bits(std::uint16_t bits) {
     else magnitude = std::ldexp(float(1024 + fraction), exponent - 25);    // (1 + fraction / 2^10) * 2^(e - 15)
     return sign ? -magnitude : magnitude;
   }
-}
-
-/// A copy of `from` with its elements converted to To.
-template <class To, class From>
-tensor<To> copy_as(const tensor<From>& from) {
-  const auto v = from.view();
-  tensor<To> to(v.batch, v.seq, v.heads, v.dim);
-  convert(v, to.view());
-  return to;
 }
 
 template <class T>

@@ -26,19 +26,13 @@
 #include <vector>
 
 using namespace relbias;
+using relbias_test::copy_as;
 using relbias_test::random_tensor;
 
 namespace {
 
 constexpr double float_tolerance = 2e-5;
 
-template <class To, class From>
-tensor<To> copy_as(const tensor<From>& from) {
-  const auto v = from.view();
-  tensor<To> to(v.batch, v.seq, v.heads, v.dim);
-  convert(v, to.view());
-  return to;
-}
 
 /// Prints why an AMX test checks nothing on this machine (Catch2 2 has no SKIP).
 bool amx_or_skip() {
