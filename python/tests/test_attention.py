@@ -145,10 +145,15 @@ def test_threads_are_deterministic_and_default_to_torch():
     bias = make_bias("t5", 4, True, dtype)
     q, k, v = inputs((2, 40, 4, 8), (2, 40, 4, 8), dtype)
     results = []
-    for threads in (1, 2, None):
-        o = relbias.attention(q, k, v, bias, causal=True, num_threads=threads)
-        results.append((o, torch.autograd.grad(o.sum(), [q, k, v, bias.relative_attention_bias.weight])))
-    assert all(torch.equal(a, b) for a, b in zip(results[1][1], results[2][1]))  # torch.get_num_threads() == 2 here
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for threads in (1, 2, None):
+            o = relbias.attention(q, k, v, bias, causal=True, num_threads=threads)
+            results.append((o, torch.autograd.grad(o.sum(), [q, k, v, bias.relative_attention_bias.weight])))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(results[1][1], results[2][1]))  # None: torch.get_num_threads() == 2
     torch.testing.assert_close(results[0][0], results[1][0], atol=1e-6, rtol=0)
 
 
