@@ -9,7 +9,7 @@ The kernels are relbias's C++ fused forward and backward (include/relbias/attent
 never hold the (L, L) score matrix, and the backward is deterministic. See docs/python.md.
 """
 
-from .attention import attention
+from ._attention import attention
 from .bias import ALiBi, BiasModule, FIRE, KerpleLog, KerplePower, NoBias, PerOffset, Sandwich, T5Bias
 
 __all__ = ["attention", "BiasModule", "NoBias", "ALiBi", "T5Bias", "PerOffset", "KerplePower", "KerpleLog", "FIRE", "Sandwich"]

@@ -49,7 +49,7 @@ struct bias_spec {
   span_desc params{0, 0};
 };
 
-/// Everything attention() takes besides tensors and bias (relbias/attention.py fills it).
+/// Everything attention() takes besides tensors and bias (relbias/_attention.py fills it).
 struct call_options {
   bool causal = false;
   std::optional<index_t> window;

@@ -157,11 +157,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: BiasModul
     causal: a query sees keys at positions <= its own. window: sliding window of w keys
     (causal i - w < j <= i; bidirectional |i - j| < w). scale: multiplies Q K^T (default
     1/sqrt(D); T5 uses 1). q_start, k_start: absolute positions of the first query and key row.
-    cu_seqlens: a packed batch (B = 1), sequence s in rows [cu[s], cu[s+1]); a pair
-    (cu_seqlens_q, cu_seqlens_k) for different query and key rows. seq_lengths: a padded batch (self-attention, right
-    padding), element b holds seq_lengths[b] tokens. Padding rows get o = 0 and no gradient.
+    cu_seqlens: a packed batch (B = 1), sequence s in rows [cu[s], cu[s+1]), positions from 0 in
+    each; a pair (cu_seqlens_q, cu_seqlens_k) for different query and key rows. seq_lengths: a
+    padded batch (self-attention, right padding): element b holds seq_lengths[b] tokens. Padding
+    rows get o = 0 and pass no gradient.
     return_lse: also return the row log-sum-exp [B, Hq, Lq] (no gradient flows through it; -inf
     for a row that sees no key). num_threads: default torch.get_num_threads().
+
+    The bias module's values are checked on every call (KERPLE's ranges: call project() after
+    each optimiser step). The kernels run with the GIL released; the backward is deterministic
+    for a given thread count.
 
     Raises ValueError for bad shapes, dtypes, devices (CUDA tensors), non-contiguous last
     dimensions and anything relbias's C++ entry points reject (same message).
