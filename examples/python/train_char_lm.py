@@ -38,9 +38,27 @@ def char_token(c: int) -> int:
     return c - 31 if 32 <= c <= 126 else 96
 
 
+def records(data: bytes):
+    """bench/quality/data.hpp's read_records: lines up to a line "%" form a record (each line
+    ending in a newline); empty records are dropped."""
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the newline that ends the file ends its last line
+    record = b""
+    for line in lines:
+        if line == b"%":
+            if record:
+                yield record
+            record = b""
+        else:
+            record += line + b"\n"
+    if record:
+        yield record
+
+
 def read_fortunes(directory=FORTUNES):
-    """(training tokens, held-out tokens): every fortune file in name order, records kept with
-    their '%' separators; the .dat indices and .u8 links are skipped."""
+    """(training tokens, held-out tokens): every fortune file in name order, each record followed
+    by "%\n" (as bench/quality's read_fortunes); the .dat indices and .u8 links are skipped."""
     table = torch.tensor([char_token(c) for c in range(256)], dtype=torch.long)
     train, held = [], []
     for name in sorted(os.listdir(directory)):
@@ -49,7 +67,7 @@ def read_fortunes(directory=FORTUNES):
             continue
         with open(path, "rb") as f:
             data = f.read()
-        text = b"".join(record.strip(b"\n") + b"\n%\n" for record in data.split(b"\n%\n") if record.strip(b"\n%"))
+        text = b"".join(record + b"%\n" for record in records(data))
         (held if name in HELD_OUT else train).append(table[torch.frombuffer(bytearray(text), dtype=torch.uint8).long()])
     if not train or not held:
         raise SystemExit(f"no fortunes in {directory}: apt-get install fortunes")

@@ -385,11 +385,14 @@ class Sandwich(BiasModule):
     def materialize(self, q_len, k_len, q_start=0, k_start=0, dtype=None):
         """dtype: of the result (default torch.get_default_dtype(); computed in float64)."""
         i, j = _offsets(q_len, k_len, q_start, k_start)
-        distance = (i - j).abs().to(torch.float64)
+        distance = (i - j).abs()
+        # A function of |i - j| only: tabulated once per distance, then gathered.
+        d = torch.arange(int(distance.max()) + 1 if distance.numel() else 1, dtype=torch.float64)
         k = torch.arange(1, self.dim // 2 + 1, dtype=torch.float64)
-        waves = torch.cos(distance.unsqueeze(-1) / torch.pow(10000.0, 2 * k / self.dim)).sum(-1) - self.dim / 2
-        heads = torch.arange(self.heads, dtype=torch.float64).view(-1, 1, 1)
-        return (waves * self.heads / (8 * (heads + 1))).to(dtype or torch.get_default_dtype())
+        waves = torch.cos(d.unsqueeze(-1) / torch.pow(10000.0, 2 * k / self.dim)).sum(-1) - self.dim / 2
+        heads = torch.arange(self.heads, dtype=torch.float64).view(-1, 1)
+        table = (waves * self.heads / (8 * (heads + 1))).to(dtype or torch.get_default_dtype())  # [heads, distances]
+        return table[:, distance]
 
     def extra_repr(self):
         return f"heads={self.heads}, dim={self.dim}"

@@ -168,3 +168,27 @@ def test_training_step_moves_every_learned_bias():
         if hasattr(bias, "project"):
             bias.project()
         assert any(not torch.equal(a, b) for a, b in zip(before, bias.parameters())), kind
+
+
+def test_the_gil_is_released_inside_the_kernels():
+    import threading
+    import time
+
+    q, k, v = (t.detach() for t in inputs((1, 1536, 4, 32), (1, 1536, 4, 32), torch.float32))
+    bias = make_bias("fire", 4, False, torch.float32)
+    done, took = threading.Event(), []
+
+    def work():
+        start = time.perf_counter()
+        relbias.attention(q, k, v, bias)  # bidirectional FIRE on one thread: a call of 0.1 s or more
+        took.append(time.perf_counter() - start)
+        done.set()
+
+    worker = threading.Thread(target=work)
+    longest_gap, last = 0.0, time.perf_counter()
+    worker.start()  # (a call that held the GIL could stall this thread here already)
+    while not done.is_set():  # pure Python: it stalls for the whole call if the call holds the GIL
+        now = time.perf_counter()
+        longest_gap, last = max(longest_gap, now - last), now
+    worker.join()
+    assert longest_gap < took[0] / 2, (longest_gap, took[0])
