@@ -161,7 +161,8 @@ def main():
     print(f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; CPU: {cpu_name()}; "
           f"{args.threads} threads; PyTorch {torch.__version__} (BLAS: {blas_name()})  ")
     print("Batch 1, 8 heads, head dim 64, float32, causal; forward + backward (dq, dk, dv and the bias "
-          f"parameters); median of {args.reps} after a warm-up; memory: extra peak RSS of the call.\n")
+          f"parameters); median of {args.reps} after a warm-up; GFLOP/s: the causal products' FLOPs (3.5 x 2 L^2 D H, "
+          "the same count for both) per second; memory: the call's extra peak RSS.\n")
     print("| L | bias | relbias ms | GFLOP/s | eager ms | GFLOP/s | speed-up | relbias MiB | eager MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for length in args.lengths:

@@ -192,3 +192,19 @@ def test_the_gil_is_released_inside_the_kernels():
         longest_gap, last = max(longest_gap, now - last), now
     worker.join()
     assert longest_gap < took[0] / 2, (longest_gap, took[0])
+
+
+def test_packed_cross_attention_with_separate_query_and_key_rows():
+    from reference import attend
+
+    dtype = torch.float64
+    bias = make_bias("kerple_log", 2, False, dtype)
+    q, k, v = inputs((1, 5, 2, 4), (1, 9, 2, 4), dtype)
+    cu_q, cu_k = [0, 2, 5], [0, 4, 9]
+    o = relbias.attention(q, k, v, bias, cu_seqlens=(cu_q, torch.tensor(cu_k)))
+    r = torch.cat([attend(q[0, cu_q[s]:cu_q[s + 1]], k[0, cu_k[s]:cu_k[s + 1]], v[0, cu_k[s]:cu_k[s + 1]], bias) for s in (0, 1)])
+    torch.testing.assert_close(o[0], r, atol=1e-12, rtol=0)
+    got = torch.autograd.grad(o.sum(), [q, k, v, bias.r1, bias.r2])
+    want = torch.autograd.grad(r.sum(), [q, k, v, bias.r1, bias.r2])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

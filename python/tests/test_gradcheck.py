@@ -8,27 +8,25 @@ from conftest import KINDS, make_bias
 
 
 def check(bias, causal, shape_q=(1, 6, 2, 3), shape_kv=(1, 6, 2, 3), **kw):
+    """gradcheck of (q, k, v, *the module's parameters) -> relbias.attention(q, k, v, bias)."""
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in (shape_q, shape_kv, shape_kv))
-    names = [n for n, p in bias.named_parameters()]
+    names = [n for n, _ in bias.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for p in bias.parameters())
 
     def f(q, k, v, *values):
-        return _call(q, k, v, values)
-
-    def _call(q, k, v, values):
-        for name, value in zip(names, values):  # the module reads its parameters when called
-            setattr_param(bias, name, value)
+        for name, value in zip(names, values):  # gradcheck's inputs become the module's parameters
+            replace_parameter(bias, name, value)
         return relbias.attention(q, k, v, bias, causal=causal, **kw)
 
     assert torch.autograd.gradcheck(f, (q, k, v) + params, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
-def setattr_param(module, dotted, value):
+def replace_parameter(module, dotted, value):
+    """module.<dotted> = value (a plain tensor, so gradcheck can perturb it), without copying."""
     *path, last = dotted.split(".")
     for part in path:
         module = getattr(module, part)
-    del module._parameters[last]
     module._parameters[last] = value
 
 
