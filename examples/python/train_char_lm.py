@@ -8,8 +8,8 @@ is the only positional signal), Adam with warm-up and cosine decay, 2000 steps o
 64 characters; the fortune files literature, science and wisdom are held out whole. It prints
 held-out bits per character at 1x and 8x the training length.
 
-    /usr/bin/python3 examples/python/train_char_lm.py --bias alibi          # the full run
-    /usr/bin/python3 examples/python/train_char_lm.py --quick               # ~1 minute (CI runs it)
+    /usr/bin/python3 examples/python/train_char_lm.py --bias alibi          # the full run: 2000 steps, 3-10 min
+    /usr/bin/python3 examples/python/train_char_lm.py --quick               # 150 steps: 10-60 s (CI runs it)
 
 Needs the relbias package (README, "From Python") and Debian's fortunes package.
 """
@@ -163,7 +163,7 @@ def main():
     parser.add_argument("--lr", type=float, default=6e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-chars", type=int, default=32768, help="held-out characters scored per length")
-    parser.add_argument("--quick", action="store_true", help="150 steps, 8192 characters per evaluation (~1 minute)")
+    parser.add_argument("--quick", action="store_true", help="150 steps, 8192 characters per evaluation (10-60 s)")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.eval_chars = 150, 8192
