@@ -87,23 +87,22 @@ void with_policy(const bias_spec& spec, F&& f) {
       throw std::invalid_argument("relbias: the " + spec.kind + " bias expects " + std::to_string(count) +
                                   " parameter values, got " + std::to_string(values.size()));
   };
+  // The table policies start at zero: the values are copied in, then checked as a checkpoint's.
+  auto load_table = [&](auto policy) {
+    require(std::size_t(policy.parameters().size()));
+    std::copy(values.begin(), values.end(), policy.parameters().data());
+    policy.validate();
+    f(policy);
+  };
   if (spec.kind == "none") {
     f(relbias::no_bias<S>{spec.heads});
   } else if (spec.kind == "alibi") {
     require(heads);  // the trainable policy: its forward is the fixed one's, its backward can train the slopes
     f(relbias::alibi<S, true>{values});
   } else if (spec.kind == "t5") {
-    relbias::t5<S> policy{spec.heads, mode, spec.num_buckets, spec.max_distance};
-    require(std::size_t(policy.parameters().size()));
-    std::copy(values.begin(), values.end(), policy.parameters().data());
-    policy.validate();
-    f(policy);
+    load_table(relbias::t5<S>{spec.heads, mode, spec.num_buckets, spec.max_distance});
   } else if (spec.kind == "per_offset") {
-    relbias::per_offset<S> policy{spec.heads, mode, spec.clip};
-    require(std::size_t(policy.parameters().size()));
-    std::copy(values.begin(), values.end(), policy.parameters().data());
-    policy.validate();
-    f(policy);
+    load_table(relbias::per_offset<S>{spec.heads, mode, spec.clip});
   } else if (spec.kind == "kerple_power") {
     require(2 * heads);
     f(relbias::kerple_power<S>{values.first(heads), values.subspan(heads)});
