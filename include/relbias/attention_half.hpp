@@ -26,6 +26,7 @@
 #include <span>
 #include <stdexcept>
 #include <type_traits>
+#include <vector>
 
 namespace relbias {
 
@@ -62,7 +63,24 @@ struct half_forward_scratch {
   row_matrix<float> scores;       // (R, Bc)
   row_matrix<float> accumulator;  // (R, Dv)
   Eigen::ArrayXf row_max, row_sum;
+  std::vector<index_t> k_rows{}, v_rows{};  // streamed items: element offsets of the key block's rows (and the next block's)
 };
+
+/// Offsets from k.data and v.data of the rows of columns [c0, c0 + count) of sequence s, head
+/// kv_head, into rows.k_rows / v_rows: a streamed item addresses keys through them, so a paged
+/// cache's blocks cost one lookup per run of rows, not per key.
+template <class Q, class KV>
+void key_row_offsets(const half_forward_problem<Q, KV>& pb, const batch_layout& layout, std::size_t s, index_t kv_head, index_t c0,
+                     index_t count, half_forward_scratch& rows) {
+  rows.k_rows.resize(std::size_t(count));
+  rows.v_rows.resize(std::size_t(count));
+  layout.key_runs(s, c0, count, [&](index_t element, index_t row, index_t column, index_t n) {
+    for (index_t c = 0; c < n; ++c) {
+      rows.k_rows[std::size_t(column + c)] = pb.k.row(element, row + c, kv_head) - pb.k.data;
+      rows.v_rows[std::size_t(column + c)] = pb.v.row(element, row + c, kv_head) - pb.v.data;
+    }
+  });
+}
 
 using float_rows_map = Eigen::Map<const row_matrix<float>, 0, Eigen::OuterStride<>>;
 
@@ -77,6 +95,21 @@ float_rows_map float_rows(const tensor_view<const T>& t, index_t b, index_t h, i
     for (index_t n = 0; n < count; ++n) widen(t.row(b, first + n, h), t.dim, &buffer(n, 0));
     return float_rows_map(buffer.data(), count, t.dim, Eigen::OuterStride<>(buffer.cols()));
   }
+}
+
+/// Columns [c0, c0 + count) of sequence s's keys (or values, t) of head h as floats: float_rows
+/// of the one run of a contiguous cache; a paged cache's runs widened (or copied) into buffer.
+template <class T>
+float_rows_map float_key_rows(const tensor_view<const T>& t, const batch_layout& layout, std::size_t s, index_t h, index_t c0,
+                              index_t count, row_matrix<float>& buffer) {
+  if (!layout.paged) {
+    const sequence& seq = layout.sequences[s];
+    return float_rows(t, seq.batch, h, seq.k_begin + c0, count, buffer);
+  }
+  layout.key_runs(s, c0, count, [&](index_t element, index_t row, index_t column, index_t n) {
+    for (index_t c = 0; c < n; ++c) widen(t.row(element, row + c, h), t.dim, &buffer(column + c, 0));
+  });
+  return float_rows_map(buffer.data(), count, t.dim, Eigen::OuterStride<>(buffer.cols()));
 }
 
 /// Asks for the cache lines of one stored row ahead of its use. A decoding step is one long
@@ -95,29 +128,28 @@ void prefetch_row(const T* row, index_t dim) {
 /// widening over many rows. Streaming saves writing and re-reading that tile, which costs a
 /// decoding step more than the bytes it saves.
 ///
-/// scores(rho, c) = scale * q.row(rho) . float(k row first + c of (b, kv_head)), prefetching the
-/// block's v rows, which come next.
+/// scores(rho, c) = scale * q.row(rho) . float(key c), key c at k.data + rows.k_rows[c],
+/// prefetching the block's v rows, which come next.
 template <class Q, class KV, class Rows, class Scores>
-void streamed_scores(const half_forward_problem<Q, KV>& pb, index_t b, index_t kv_head, index_t first, const Rows& q, Scores& scores) {
+void streamed_scores(const half_forward_problem<Q, KV>& pb, const half_forward_scratch& rows, const Rows& q, Scores& scores) {
   for (index_t c = 0; c < scores.cols(); ++c) {
-    const KV* key = pb.k.row(b, first + c, kv_head);
-    prefetch_row(pb.v.row(b, first + c, kv_head), pb.v.dim);
+    const KV* key = pb.k.data + rows.k_rows[std::size_t(c)];
+    prefetch_row(pb.v.data + rows.v_rows[std::size_t(c)], pb.v.dim);
     for (index_t rho = 0; rho < scores.rows(); ++rho) scores(rho, c) = pb.scale * dot_widened(&q(rho, 0), key, pb.k.dim);
   }
 }
 
-/// acc.row(rho) += sum over c of scores(rho, c) * float(v row first + c of (b, kv_head)), two
-/// keys at a time (an odd last key with weight 0 against itself), prefetching the k rows of the
-/// next block, up to row `end`.
+/// acc.row(rho) += sum over c of scores(rho, c) * float(value c), two keys at a time (an odd
+/// last key with weight 0 against itself), prefetching the k rows of the next block (those of
+/// rows.k_rows past the block).
 template <class Q, class KV, class Scores, class Accumulator>
-void streamed_values(const half_forward_problem<Q, KV>& pb, index_t b, index_t kv_head, index_t first, index_t end,
-                     const Scores& scores, Accumulator& acc) {
-  const index_t next = first + scores.cols(), n = scores.cols();
+void streamed_values(const half_forward_problem<Q, KV>& pb, const half_forward_scratch& rows, const Scores& scores, Accumulator& acc) {
+  const index_t n = scores.cols(), end = index_t(rows.k_rows.size());
   for (index_t c = 0; c < n; c += 2) {
     const bool pair = c + 1 < n;
-    const KV* v0 = pb.v.row(b, first + c, kv_head);
-    const KV* v1 = pair ? pb.v.row(b, first + c + 1, kv_head) : v0;
-    for (index_t ahead = next + c; ahead < std::min(next + c + 2, end); ++ahead) prefetch_row(pb.k.row(b, ahead, kv_head), pb.k.dim);
+    const KV* v0 = pb.v.data + rows.v_rows[std::size_t(c)];
+    const KV* v1 = pair ? pb.v.data + rows.v_rows[std::size_t(c + 1)] : v0;
+    for (index_t ahead = n + c; ahead < std::min(n + c + 2, end); ++ahead) prefetch_row(pb.k.data + rows.k_rows[std::size_t(ahead)], pb.k.dim);
     for (index_t rho = 0; rho < scores.rows(); ++rho)
       axpy2_widened(scores(rho, c), v0, pair ? scores(rho, c + 1) : 0.0f, v1, pb.v.dim, &acc(rho, 0));
   }
@@ -127,8 +159,10 @@ void streamed_values(const half_forward_problem<Q, KV>& pb, index_t b, index_t k
 /// [first_head, first_head + heads_per_item), all of key/value head first_head / group. Row rho
 /// of the item's tiles is head first_head + rho / tile.rows, query row tile.r0 + rho % tile.rows.
 template <class Q, class KV, class Plan>
-void half_forward_item(const half_forward_problem<Q, KV>& pb, const Plan& plan, const offset_band& band, const sequence& seq,
-                       const query_tile& tile, index_t first_head, half_forward_scratch& s) {
+void half_forward_item(const half_forward_problem<Q, KV>& pb, const Plan& plan, const batch_layout& layout, const query_tile& tile,
+                       index_t first_head, half_forward_scratch& s) {
+  const sequence& seq = layout.sequences[tile.sequence];
+  const sequence_positions& pos = layout.positions[tile.sequence];
   const index_t rows = tile.rows, count = rows * pb.heads_per_item, b = seq.batch, kv_head = first_head / pb.group;
   const auto head_of = [&](index_t rho) { return first_head + rho / rows; };
   const auto row_of = [&](index_t rho) { return tile.r0 + rho % rows; };
@@ -143,20 +177,25 @@ void half_forward_item(const half_forward_problem<Q, KV>& pb, const Plan& plan, 
 
   for (index_t c0 = tile.keys.begin; c0 < tile.keys.end; c0 += pb.tiles.cols) {
     const index_t bc = std::min(pb.tiles.cols, tile.keys.end - c0);
-    const index_t j0 = key_position(seq.k_start, c0);
     auto scores = s.scores.topLeftCorner(count, bc);  // (R, Bc)
-    if (streamed) streamed_scores(pb, b, kv_head, seq.k_begin + c0, q, scores);
-    else scores.noalias() = pb.scale * (q * float_rows(pb.k, b, kv_head, seq.k_begin + c0, bc, s.k).transpose());
+    if (streamed) {  // this block's rows and the next block's (prefetched during this one)
+      key_row_offsets(pb, layout, tile.sequence, kv_head, c0, std::min(bc + pb.tiles.cols, tile.keys.end - c0), s);
+      streamed_scores(pb, s, q, scores);
+    } else {
+      scores.noalias() = pb.scale * (q * float_key_rows(pb.k, layout, tile.sequence, kv_head, c0, bc, s.k).transpose());
+    }
     for (index_t rho = 0; rho < count; ++rho) {
-      const index_t i = query_position(seq.q_start, row_of(rho));
-      const index_range visible = band.visible_keys(i, j0, bc);
+      const index_t i = pos.query(row_of(rho));
+      const index_range visible = pos.visible_keys(layout.band, i, c0, bc);
       float* row = &scores(rho, 0);
       std::fill(row, row + visible.begin, 0.0f);
-      if (!visible.empty()) plan.add_row(head_of(rho), i, j0 + visible.begin, visible.size(), row + visible.begin);
+      if (!visible.empty())
+        if (const float* slice = visible_row_bias(plan, pos, head_of(rho), i, c0, visible, row))
+          add_values(slice, visible.size(), row + visible.begin);
       online_softmax_row(row + visible.begin, visible.size(), bc - visible.begin, s.row_max[rho], s.row_sum[rho], acc.row(rho));
     }
-    if (streamed) streamed_values(pb, b, kv_head, seq.k_begin + c0, seq.k_begin + tile.keys.end, scores, acc);
-    else acc.noalias() += scores * float_rows(pb.v, b, kv_head, seq.k_begin + c0, bc, s.v);  // (R, Dv)
+    if (streamed) streamed_values(pb, s, scores, acc);
+    else acc.noalias() += scores * float_key_rows(pb.v, layout, tile.sequence, kv_head, c0, bc, s.v);  // (R, Dv)
   }
 
   for (index_t rho = 0; rho < count; ++rho) {
@@ -177,14 +216,13 @@ void half_fused_forward(half_forward_problem<Q, KV> pb, const batch_layout& layo
   auto make_scratch = [&] {
     half_forward_scratch s{row_matrix<float>(count, pb.q.dim), row_matrix<float>(pb.tiles.cols, pb.k.dim),
                            row_matrix<float>(pb.tiles.cols, pb.v.dim), row_matrix<float>(count, pb.tiles.cols),
-                           row_matrix<float>(count, pb.v.dim), Eigen::ArrayXf(count), Eigen::ArrayXf(count)};
+                           row_matrix<float>(count, pb.v.dim), Eigen::ArrayXf(count), Eigen::ArrayXf(count), {}, {}};
     return s;
   };
   parallel_items(index_t(tiles.size()) * items_per_tile, thread_count(threads), make_scratch,
                  [&](index_t item, half_forward_scratch& s) {
                    const query_tile& tile = tiles[std::size_t(item / items_per_tile)];
-                   half_forward_item(pb, plan, layout.band, layout.sequences[tile.sequence], tile,
-                                     (item % items_per_tile) * pb.heads_per_item, s);
+                   half_forward_item(pb, plan, layout, tile, (item % items_per_tile) * pb.heads_per_item, s);
                  });
 }
 
