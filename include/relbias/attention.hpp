@@ -19,7 +19,6 @@
 #include "relbias/detail/layout.hpp"
 #include "relbias/detail/microkernel.hpp"
 #include "relbias/detail/parallel.hpp"
-#include "relbias/detail/storage.hpp"
 #include "relbias/offset.hpp"
 #include "relbias/tensor.hpp"
 
@@ -29,8 +28,6 @@
 #include <cmath>
 #include <limits>
 #include <span>
-#include <type_traits>
-#include <vector>
 
 namespace relbias {
 
@@ -82,7 +79,6 @@ struct forward_scratch {
   row_matrix<S> scores;       // (block_rows, Bc padded): a strip's scores, then its probabilities
   row_matrix<S> accumulator;  // (Br, Dv): unnormalised output
   Eigen::Array<S, Eigen::Dynamic, 1> row_max, row_sum;  // (Br)
-  std::vector<const S*> key_rows{}, value_rows{};        // (Bc): a paged tile's rows (decoding)
 };
 
 /// Adds bias[0, n) to x[0, n) (unless bias is null) and returns the largest x (-inf for n = 0),
@@ -167,84 +163,28 @@ void normalise_row(S row_max, S row_sum, const AccumulatorRow& accumulator_row, 
   if (lse) *lse = empty ? -std::numeric_limits<S>::infinity() : row_max + std::log(row_sum);
 }
 
-/// Decoding over a paged float cache reads K and V in place, one matrix-vector product per run of
-/// rows in a block, as for a contiguous cache, when blocks hold at least this many keys. Smaller
-/// blocks go key by key (paged_strip_scores): a product call per 16 keys cost a quarter of the
-/// step, while key by key runs about a tenth behind Eigen's product on long runs (bench/decode.cpp,
-/// paged/fp32: Lk = 32768 in one block, 21.1 against 18.2 ms of CPU time per step).
-inline constexpr index_t paged_product_rows = 64;
-
-/// Decoding over a paged float cache of small blocks: scores out[r * ld + c] = scale * q_r . k_c
-/// of the n query rows against `count` keys from column `first`, one dot product per key and
-/// row. The keys' rows are looked up once into s.key_rows / s.value_rows; K is prefetched a few
-/// rows ahead across block ends (what a hardware prefetcher cannot guess) and V for strip_values.
-template <class S, class Queries>
-void paged_strip_scores(const forward_problem<S>& pb, const batch_layout& layout, const query_tile& tile, index_t h, index_t first,
-                        index_t count, const Queries& queries, S* out, forward_scratch<S>& s) {
-  constexpr index_t ahead = 8;
-  const index_t kv_head = h / pb.group, ld = s.scores.cols();
-  s.key_rows.resize(std::size_t(count));
-  s.value_rows.resize(std::size_t(count));
-  layout.key_runs(tile.sequence, first, count, [&](index_t element, index_t row, index_t column, index_t rows) {
-    for (index_t c = 0; c < rows; ++c) {
-      s.key_rows[std::size_t(column + c)] = pb.k.row(element, row + c, kv_head);
-      s.value_rows[std::size_t(column + c)] = pb.v.row(element, row + c, kv_head);
+/// Rows [first, first + count) of sequence s's keys (t: k or v, head h) copied into `out`
+/// (count, t.dim) contiguous: a paged tile's rows for the matrix-vector products of decoding.
+template <class S>
+void gather_key_rows(const tensor_view<const S>& t, const batch_layout& layout, std::size_t s, index_t h, index_t first, index_t count,
+                     S* out) {
+  namespace ei = Eigen::internal;
+  constexpr index_t lanes = lanes_of<S>;
+  const index_t dim = t.dim, full = dim / lanes * lanes;
+  layout.key_runs(s, first, count, [&](index_t element, index_t row, index_t column, index_t rows) {
+    for (index_t c = 0; c < rows; ++c) {  // packet copies: memcpy per row of 64 floats took 60 instructions
+      const S* from = t.row(element, row + c, h);
+      S* to = out + (column + c) * dim;
+      for (index_t d = 0; d < full; d += lanes) ei::pstoreu(to + d, ei::ploadu<packet_of<S>>(from + d));
+      for (index_t d = full; d < dim; ++d) to[d] = from[d];
     }
   });
-  for (index_t c = 0; c < count; ++c) {
-    if (c + ahead < count) prefetch_rows(s.key_rows[std::size_t(c + ahead)], 0, 1, pb.k.dim);
-    prefetch_rows(s.value_rows[std::size_t(c)], 0, 1, pb.v.dim);
-    for (index_t r = 0; r < queries.rows(); ++r)
-      out[r * ld + c] = pb.scale * dot_widened(queries.row(r).data(), s.key_rows[std::size_t(c)], pb.k.dim);
-  }
-}
-
-/// acc[0, dim) += sum over c < count of p[c] * rows[c][0, dim): a chunk of up to 4 packets of
-/// the accumulator stays in registers over all the keys (a load and store per key pair cost
-/// the paged step a tenth against Eigen's matrix-vector product on contiguous rows).
-template <class S>
-void accumulate_rows(const S* p, const S* const* rows, index_t count, index_t dim, S* acc) {
-  namespace ei = Eigen::internal;
-  using packet = packet_of<S>;
-  constexpr index_t lanes = lanes_of<S>, chunk = 4 * lanes;
-  index_t d = 0;
-  for (; d + chunk <= dim; d += chunk) {
-    packet a0 = ei::ploadu<packet>(acc + d), a1 = ei::ploadu<packet>(acc + d + lanes), a2 = ei::ploadu<packet>(acc + d + 2 * lanes),
-           a3 = ei::ploadu<packet>(acc + d + 3 * lanes);
-    for (index_t c = 0; c < count; ++c) {
-      const packet w = ei::pset1<packet>(p[c]);
-      const S* v = rows[c] + d;
-      a0 = ei::pmadd(w, ei::ploadu<packet>(v), a0);
-      a1 = ei::pmadd(w, ei::ploadu<packet>(v + lanes), a1);
-      a2 = ei::pmadd(w, ei::ploadu<packet>(v + 2 * lanes), a2);
-      a3 = ei::pmadd(w, ei::ploadu<packet>(v + 3 * lanes), a3);
-    }
-    ei::pstoreu(acc + d, a0);
-    ei::pstoreu(acc + d + lanes, a1);
-    ei::pstoreu(acc + d + 2 * lanes, a2);
-    ei::pstoreu(acc + d + 3 * lanes, a3);
-  }
-  for (; d + lanes <= dim; d += lanes) {
-    packet a = ei::ploadu<packet>(acc + d);
-    for (index_t c = 0; c < count; ++c) a = ei::pmadd(ei::pset1<packet>(p[c]), ei::ploadu<packet>(rows[c] + d), a);
-    ei::pstoreu(acc + d, a);
-  }
-  for (; d < dim; ++d)
-    for (index_t c = 0; c < count; ++c) acc[d] += p[c] * rows[c][d];
-}
-
-/// acc rows [r0, r0 + n) += P V for the keys paged_strip_scores looked up. p: the strip's first column.
-template <class S>
-void paged_strip_values(const forward_problem<S>& pb, index_t count, const S* p, index_t r0, index_t n, forward_scratch<S>& s) {
-  for (index_t r = 0; r < n; ++r)
-    accumulate_rows(p + r * s.scores.cols(), s.value_rows.data(), count, pb.v.dim, &s.accumulator(r0 + r, 0));
 }
 
 /// Scores of rows [r0, r0 + n) of a query tile against key columns `columns` of the key tile at
 /// c0, into the strip buffer: by the micro-kernel from the packed tiles, or (packed = false: a
 /// tile of fewer rows than a block, i.e. decoding) by Eigen's matrix-vector products straight
-/// from K, which read each key once instead of transposing it first (one product per run of
-/// rows in one block of a paged cache).
+/// from K, which read each key once instead of transposing it first.
 template <class S>
 void strip_scores(const forward_problem<S>& pb, const batch_layout& layout, const query_tile& tile, index_t h, index_t c0,
                   index_range columns, index_t r0, index_t n, bool packed, forward_scratch<S>& s) {
@@ -257,16 +197,19 @@ void strip_scores(const forward_problem<S>& pb, const batch_layout& layout, cons
   }
   const sequence& seq = layout.sequences[tile.sequence];
   const auto queries = pb.q.rows(seq.batch, h, seq.q_begin + tile.r0 + r0, n);  // (n, D)
-  if constexpr (std::is_same_v<S, float>)
-    if (layout.paged && layout.paged->block_size < paged_product_rows) return paged_strip_scores(pb, layout, tile, h, c0 + columns.begin, columns.size(), queries, out, s);
-  layout.key_runs(tile.sequence, c0 + columns.begin, columns.size(), [&](index_t element, index_t row, index_t column, index_t count) {
-    Eigen::Map<row_matrix<S>, 0, Eigen::OuterStride<>> strip(out + column, n, count, Eigen::OuterStride<>(ld));
-    strip.noalias() = pb.scale * (queries * pb.k.rows(element, h / pb.group, row, count).transpose());
-  });
+  Eigen::Map<row_matrix<S>, 0, Eigen::OuterStride<>> strip(out, n, columns.size(), Eigen::OuterStride<>(ld));
+  if (!layout.paged) {
+    strip.noalias() = pb.scale * (queries * pb.k.rows(seq.batch, h / pb.group, seq.k_begin + c0 + columns.begin, columns.size()).transpose());
+    return;
+  }
+  // A paged tile's rows gathered into the packed key buffer (unused when decoding): one product
+  // over the whole tile, the same call a contiguous cache makes (a product per run of a block of
+  // 16 keys cost a third of the step), and the same bits.
+  gather_key_rows(pb.k, layout, tile.sequence, h / pb.group, c0 + columns.begin, columns.size(), s.keys.data());
+  strip.noalias() = pb.scale * (queries * Eigen::Map<const row_matrix<S>>(s.keys.data(), columns.size(), dim).transpose());
 }
 
-/// acc rows [r0, r0 + n) += P V over the key columns `columns` (packed or not, as strip_scores;
-/// a paged cache's runs are summed one after the other).
+/// acc rows [r0, r0 + n) += P V over the key columns `columns` (packed or not, as strip_scores).
 template <class S>
 void strip_values(const forward_problem<S>& pb, const batch_layout& layout, const query_tile& tile, index_t h, index_t c0,
                   index_range columns, index_t r0, index_t n, bool packed, forward_scratch<S>& s) {
@@ -277,12 +220,14 @@ void strip_values(const forward_problem<S>& pb, const batch_layout& layout, cons
                      {&s.accumulator(r0, 0), dim_v}, S(1), true);
     return;
   }
-  if constexpr (std::is_same_v<S, float>)
-    if (layout.paged && layout.paged->block_size < paged_product_rows) return paged_strip_values(pb, columns.size(), p, r0, n, s);
-  layout.key_runs(tile.sequence, c0 + columns.begin, columns.size(), [&](index_t element, index_t row, index_t column, index_t count) {
-    Eigen::Map<const row_matrix<S>, 0, Eigen::OuterStride<>> strip(p + column, n, count, Eigen::OuterStride<>(ld));
-    s.accumulator.middleRows(r0, n).noalias() += strip * pb.v.rows(element, h / pb.group, row, count);
-  });
+  Eigen::Map<const row_matrix<S>, 0, Eigen::OuterStride<>> strip(p, n, columns.size(), Eigen::OuterStride<>(ld));
+  const sequence& seq = layout.sequences[tile.sequence];
+  if (!layout.paged) {
+    s.accumulator.middleRows(r0, n).noalias() += strip * pb.v.rows(seq.batch, h / pb.group, seq.k_begin + c0 + columns.begin, columns.size());
+    return;
+  }
+  gather_key_rows(pb.v, layout, tile.sequence, h / pb.group, c0 + columns.begin, columns.size(), s.values.data());  // as strip_scores
+  s.accumulator.middleRows(r0, n).noalias() += strip * Eigen::Map<const row_matrix<S>>(s.values.data(), columns.size(), dim_v);
 }
 
 /// The bias of query position i over the visible columns of the key tile at c0. Keys at
