@@ -229,7 +229,7 @@ TEMPLATE_TEST_CASE("paged: a paged float/double cache equals each sequence alone
   using S = TestType;
   const auto keys = random_tensor<S>(5, 80, kv_heads, dim, 2), values = random_tensor<S>(5, 80, kv_heads, dim_v, 3);
   const auto q = random_tensor<S>(5, 9, heads, dim, 1);
-  for_each_case<S>([&](const auto& bias, const attention_options<S>& options, index_t block, index_t query_length) {
+  for_each_case<S>([&](const auto& bias, const attention_options<S>& options, index_t block, index_t) {
     const pool<S> p = make_pool<S>(keys, values, key_lengths, block, 0, std::uint64_t(block));
     const double error = paged_vs_alone(bias, q, keys, values, p, options);
     // Tiles of at least block_rows queries pack K and V, gathering the blocks into the tiles a

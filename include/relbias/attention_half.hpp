@@ -63,23 +63,48 @@ struct half_forward_scratch {
   row_matrix<float> scores;       // (R, Bc)
   row_matrix<float> accumulator;  // (R, Dv)
   Eigen::ArrayXf row_max, row_sum;
-  std::vector<index_t> k_rows{}, v_rows{};  // streamed items: element offsets of the key block's rows (and the next block's)
+  std::vector<index_t> k_rows{}, v_rows{};  // streamed items over a paged cache: offsets of the key block's rows (and the next block's)
+};
+
+/// Where a streamed item finds key (and value) c of its key block, c from 0 up to end() (the
+/// block and the next one, prefetched during this one). Contiguous keys: rows first + c.
+template <class KV>
+struct contiguous_key_rows {
+  const KV *k, *v;  // row `first` of (b, kv_head)
+  index_t k_stride, v_stride, end_;
+  const KV* key(index_t c) const noexcept { return k + c * k_stride; }
+  const KV* value(index_t c) const noexcept { return v + c * v_stride; }
+  index_t end() const noexcept { return end_; }
+};
+
+/// A paged cache's rows, looked up once per block through the table (half_forward_scratch).
+template <class KV>
+struct paged_key_rows {
+  const KV *k, *v;                   // k.data, v.data
+  const index_t *k_rows, *v_rows;    // offsets of rows 0 .. end() - 1
+  index_t end_;
+  const KV* key(index_t c) const noexcept { return k + k_rows[c]; }
+  const KV* value(index_t c) const noexcept { return v + v_rows[c]; }
+  index_t end() const noexcept { return end_; }
 };
 
 /// Offsets from k.data and v.data of the rows of columns [c0, c0 + count) of sequence s, head
-/// kv_head, into rows.k_rows / v_rows: a streamed item addresses keys through them, so a paged
-/// cache's blocks cost one lookup per run of rows, not per key.
+/// kv_head, into rows.k_rows / v_rows: one lookup per run of rows in a block, not per key.
 template <class Q, class KV>
-void key_row_offsets(const half_forward_problem<Q, KV>& pb, const batch_layout& layout, std::size_t s, index_t kv_head, index_t c0,
-                     index_t count, half_forward_scratch& rows) {
+paged_key_rows<KV> paged_rows(const half_forward_problem<Q, KV>& pb, const batch_layout& layout, std::size_t s, index_t kv_head,
+                              index_t c0, index_t count, half_forward_scratch& rows) {
   rows.k_rows.resize(std::size_t(count));
   rows.v_rows.resize(std::size_t(count));
   layout.key_runs(s, c0, count, [&](index_t element, index_t row, index_t column, index_t n) {
+    const index_t k_first = pb.k.row(element, row, kv_head) - pb.k.data, v_first = pb.v.row(element, row, kv_head) - pb.v.data;
+    index_t* k_rows = rows.k_rows.data() + column;
+    index_t* v_rows = rows.v_rows.data() + column;
     for (index_t c = 0; c < n; ++c) {
-      rows.k_rows[std::size_t(column + c)] = pb.k.row(element, row + c, kv_head) - pb.k.data;
-      rows.v_rows[std::size_t(column + c)] = pb.v.row(element, row + c, kv_head) - pb.v.data;
+      k_rows[c] = k_first + c * pb.k.seq_stride;
+      v_rows[c] = v_first + c * pb.v.seq_stride;
     }
   });
+  return {pb.k.data, pb.v.data, rows.k_rows.data(), rows.v_rows.data(), count};
 }
 
 using float_rows_map = Eigen::Map<const row_matrix<float>, 0, Eigen::OuterStride<>>;
@@ -128,31 +153,48 @@ void prefetch_row(const T* row, index_t dim) {
 /// widening over many rows. Streaming saves writing and re-reading that tile, which costs a
 /// decoding step more than the bytes it saves.
 ///
-/// scores(rho, c) = scale * q.row(rho) . float(key c), key c at k.data + rows.k_rows[c],
-/// prefetching the block's v rows, which come next.
-template <class Q, class KV, class Rows, class Scores>
-void streamed_scores(const half_forward_problem<Q, KV>& pb, const half_forward_scratch& rows, const Rows& q, Scores& scores) {
+/// scores(rho, c) = scale * q.row(rho) . float(key c) (rows.key(c)), prefetching the block's v
+/// rows, which come next.
+template <class Q, class KV, class KeyRows, class Rows, class Scores>
+void streamed_scores(const half_forward_problem<Q, KV>& pb, const KeyRows& rows, const Rows& q, Scores& scores) {
   for (index_t c = 0; c < scores.cols(); ++c) {
-    const KV* key = pb.k.data + rows.k_rows[std::size_t(c)];
-    prefetch_row(pb.v.data + rows.v_rows[std::size_t(c)], pb.v.dim);
+    const KV* key = rows.key(c);
+    prefetch_row(rows.value(c), pb.v.dim);
     for (index_t rho = 0; rho < scores.rows(); ++rho) scores(rho, c) = pb.scale * dot_widened(&q(rho, 0), key, pb.k.dim);
   }
 }
 
 /// acc.row(rho) += sum over c of scores(rho, c) * float(value c), two keys at a time (an odd
-/// last key with weight 0 against itself), prefetching the k rows of the next block (those of
-/// rows.k_rows past the block).
-template <class Q, class KV, class Scores, class Accumulator>
-void streamed_values(const half_forward_problem<Q, KV>& pb, const half_forward_scratch& rows, const Scores& scores, Accumulator& acc) {
-  const index_t n = scores.cols(), end = index_t(rows.k_rows.size());
+/// last key with weight 0 against itself), prefetching the k rows of the next block (up to
+/// rows.end()).
+template <class Q, class KV, class KeyRows, class Scores, class Accumulator>
+void streamed_values(const half_forward_problem<Q, KV>& pb, const KeyRows& rows, const Scores& scores, Accumulator& acc) {
+  const index_t n = scores.cols(), end = rows.end();
   for (index_t c = 0; c < n; c += 2) {
     const bool pair = c + 1 < n;
-    const KV* v0 = pb.v.data + rows.v_rows[std::size_t(c)];
-    const KV* v1 = pair ? pb.v.data + rows.v_rows[std::size_t(c + 1)] : v0;
-    for (index_t ahead = n + c; ahead < std::min(n + c + 2, end); ++ahead) prefetch_row(pb.k.data + rows.k_rows[std::size_t(ahead)], pb.k.dim);
+    const KV* v0 = rows.value(c);
+    const KV* v1 = pair ? rows.value(c + 1) : v0;
+    for (index_t ahead = n + c; ahead < std::min(n + c + 2, end); ++ahead) prefetch_row(rows.key(ahead), pb.k.dim);
     for (index_t rho = 0; rho < scores.rows(); ++rho)
       axpy2_widened(scores(rho, c), v0, pair ? scores(rho, c + 1) : 0.0f, v1, pb.v.dim, &acc(rho, 0));
   }
+}
+
+/// Scores and then P V of a streamed item's key block at c0 (bc keys); between them,
+/// softmax(scores) does the bias and the online softmax. A paged cache's rows are looked up first.
+template <class Q, class KV, class Rows, class Scores, class Accumulator, class Softmax>
+void streamed_block(const half_forward_problem<Q, KV>& pb, const batch_layout& layout, const query_tile& tile, index_t kv_head,
+                    index_t c0, const Rows& q, Scores& scores, Accumulator& acc, half_forward_scratch& s, Softmax softmax) {
+  const index_t rows_ahead = std::min(scores.cols() + pb.tiles.cols, tile.keys.end - c0);  // this block and the next
+  const auto run = [&](const auto& rows) {
+    streamed_scores(pb, rows, q, scores);
+    softmax(scores);
+    streamed_values(pb, rows, scores, acc);
+  };
+  if (layout.paged) return run(paged_rows(pb, layout, tile.sequence, kv_head, c0, rows_ahead, s));
+  const sequence& seq = layout.sequences[tile.sequence];
+  run(contiguous_key_rows<KV>{pb.k.row(seq.batch, seq.k_begin + c0, kv_head), pb.v.row(seq.batch, seq.k_begin + c0, kv_head),
+                              pb.k.seq_stride, pb.v.seq_stride, rows_ahead});
 }
 
 /// One work item: query rows [tile.r0, tile.r0 + tile.rows) of `seq` for query heads
@@ -178,24 +220,25 @@ void half_forward_item(const half_forward_problem<Q, KV>& pb, const Plan& plan, 
   for (index_t c0 = tile.keys.begin; c0 < tile.keys.end; c0 += pb.tiles.cols) {
     const index_t bc = std::min(pb.tiles.cols, tile.keys.end - c0);
     auto scores = s.scores.topLeftCorner(count, bc);  // (R, Bc)
-    if (streamed) {  // this block's rows and the next block's (prefetched during this one)
-      key_row_offsets(pb, layout, tile.sequence, kv_head, c0, std::min(bc + pb.tiles.cols, tile.keys.end - c0), s);
-      streamed_scores(pb, s, q, scores);
+    const auto softmax = [&](auto& block_scores) {
+      for (index_t rho = 0; rho < count; ++rho) {
+        const index_t i = pos.query(row_of(rho));
+        const index_range visible = pos.visible_keys(layout.band, i, c0, bc);
+        float* row = &block_scores(rho, 0);
+        std::fill(row, row + visible.begin, 0.0f);
+        if (!visible.empty())
+          if (const float* slice = visible_row_bias(plan, pos, head_of(rho), i, c0, visible, row))
+            add_values(slice, visible.size(), row + visible.begin);
+        online_softmax_row(row + visible.begin, visible.size(), bc - visible.begin, s.row_max[rho], s.row_sum[rho], acc.row(rho));
+      }
+    };
+    if (streamed) {
+      streamed_block(pb, layout, tile, kv_head, c0, q, scores, acc, s, softmax);
     } else {
       scores.noalias() = pb.scale * (q * float_key_rows(pb.k, layout, tile.sequence, kv_head, c0, bc, s.k).transpose());
+      softmax(scores);
+      acc.noalias() += scores * float_key_rows(pb.v, layout, tile.sequence, kv_head, c0, bc, s.v);  // (R, Dv)
     }
-    for (index_t rho = 0; rho < count; ++rho) {
-      const index_t i = pos.query(row_of(rho));
-      const index_range visible = pos.visible_keys(layout.band, i, c0, bc);
-      float* row = &scores(rho, 0);
-      std::fill(row, row + visible.begin, 0.0f);
-      if (!visible.empty())
-        if (const float* slice = visible_row_bias(plan, pos, head_of(rho), i, c0, visible, row))
-          add_values(slice, visible.size(), row + visible.begin);
-      online_softmax_row(row + visible.begin, visible.size(), bc - visible.begin, s.row_max[rho], s.row_sum[rho], acc.row(rho));
-    }
-    if (streamed) streamed_values(pb, s, scores, acc);
-    else acc.noalias() += scores * float_key_rows(pb.v, layout, tile.sequence, kv_head, c0, bc, s.v);  // (R, Dv)
   }
 
   for (index_t rho = 0; rho < count; ++rho) {
