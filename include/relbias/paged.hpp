@@ -17,11 +17,13 @@
 // block is appended to is the caller's business. The table is plain int32 or int64 memory,
 // row-major, what a Python binding receives from numpy or torch without conversion.
 //
-// The kernels cut a sequence's keys into the same tiles as for a contiguous cache (tiles count
-// logical rows), and address a tile's rows a run of rows inside one block at a time: packing a
-// tile (prefill) gathers the runs, the matrix-vector products of decoding and the streamed 16-bit
-// loop go run by run. So a block size of at least 64 keeps decoding within a few percent of a
-// contiguous cache; 16 pays one product call per 16 keys (docs/paged.md has the measurements).
+// The kernels cut a sequence's keys into the tiles a contiguous cache gives (tiles count logical
+// rows) and reach a tile's rows a run at a time (the rows of the tile inside one block): prefill
+// packs the runs as it packs contiguous rows, float decoding copies them into the tile buffer
+// for the contiguous cache's matrix-vector product, and the 16-bit streamed loop looks up each
+// block's row offsets once. So a paged call gives the bits of the same keys contiguous, whatever
+// the block size; the cost of a block table is that copy (float decoding) or lookup, and the
+// memory streams it breaks at block ends (docs/paged.md has the measurements).
 //
 // Only the fused forward reads a paged cache (relbias::attention, float and 16-bit pools); the
 // backward, the reference kernels and ring attention take contiguous keys and reject
