@@ -203,13 +203,23 @@ void share_prefix(tensor<S>& t, index_t rows) {
 
 std::string window_text(std::optional<index_t> window) { return window ? std::to_string(*window) : "none"; }
 
+/// How far a paged call may be from the contiguous one. Tiles of at least block_rows queries
+/// pack K and V, gathering the blocks into the tiles a contiguous cache gives, and 16-bit pools
+/// stream the same keys: same bits. Float decoding over blocks of paged_product_rows keys or
+/// more sums P V run by run (float rounding); smaller blocks gather the tile: same bits.
+template <class S>
+double decoding_tolerance(index_t block, index_t query_length) {
+  const bool by_runs = !half_storage<S> && query_length < detail::block_rows && block >= detail::paged_product_rows;
+  return by_runs ? (std::is_same_v<S, double> ? 1e-14 : 1e-6) : 0.0;
+}
+
 const std::vector<index_t> key_lengths{37, 70, 0, 16, 9};  // an idle sequence, one shorter than a block of 16
 
 /// Runs check(bias, options, block, query_length) over every policy, mask, window, block size
 /// and query length (1 and 3: decoding; 9: a prefill step after a paged prefix of length - 9).
 template <class S, class Check>
 void for_each_case(Check check) {
-  for (index_t block : {8, 16, 24})
+  for (index_t block : {8, 16, 24, 64})
     for (index_t query_length : {1, 3, 9})
       for (masking mask : {masking::causal, masking::bidirectional})
         for (std::optional<index_t> window : {std::optional<index_t>{}, std::optional<index_t>{5}})
@@ -229,12 +239,10 @@ TEMPLATE_TEST_CASE("paged: a paged float/double cache equals each sequence alone
   using S = TestType;
   const auto keys = random_tensor<S>(5, 80, kv_heads, dim, 2), values = random_tensor<S>(5, 80, kv_heads, dim_v, 3);
   const auto q = random_tensor<S>(5, 9, heads, dim, 1);
-  for_each_case<S>([&](const auto& bias, const attention_options<S>& options, index_t block, index_t) {
+  for_each_case<S>([&](const auto& bias, const attention_options<S>& options, index_t block, index_t query_length) {
     const pool<S> p = make_pool<S>(keys, values, key_lengths, block, 0, std::uint64_t(block));
     const double error = paged_vs_alone(bias, q, keys, values, p, options);
-    // Tiles of at least block_rows queries pack K and V, gathering the blocks into the tiles a
-    // contiguous cache gives; decoding gathers a tile's rows for the same matrix-vector product.
-    CHECK(error == 0);
+    CHECK(error <= decoding_tolerance<S>(block, query_length));
   });
 }
 
@@ -269,7 +277,7 @@ TEMPLATE_TEST_CASE("paged: sequences sharing a prompt's blocks each equal themse
       t5_bias.reset_parameters(3, 1.0);
       const double error = paged_vs_alone(t5_bias, q, keys, values, p, options);
       INFO("Lq " << query_length << ", mask " << masking_name(mask));
-      CHECK(error == 0);
+      CHECK(error <= decoding_tolerance<K>(16, query_length));
     }
 }
 
@@ -299,8 +307,7 @@ TEMPLATE_TEST_CASE("paged: long sequences through the public attention(), defaul
           attention_options<float> alone{.mask = masking::causal, .sliding_window = window, .q_start = n - query_length, .num_threads = 2};
           const auto k = converted<K>(copy_rows(keys, s, 0, n)), v = converted<K>(copy_rows(values, s, 0, n));
           const auto expected = attention(copy_rows(both, s, 0, query_length).view(), k.view(), v.view(), bias, alone);
-          const double error = rows_error(got, s, 0, expected, query_length);
-          CHECK(error == 0);
+          CHECK(rows_error(got, s, 0, expected, query_length) <= decoding_tolerance<K>(block, query_length));
         }
       }
 }

@@ -163,6 +163,30 @@ void normalise_row(S row_max, S row_sum, const AccumulatorRow& accumulator_row, 
   if (lse) *lse = empty ? -std::numeric_limits<S>::infinity() : row_max + std::log(row_sum);
 }
 
+/// Decoding over a paged float cache: blocks of at least this many keys take one matrix-vector
+/// product per run of rows in a block, straight from the pool (P V is then summed run by run:
+/// within float rounding of a contiguous cache); smaller blocks gather each tile's rows first
+/// (a copy, but one product per tile: the contiguous cache's bits). Measured (bench/decode.cpp,
+/// paged/fp32, Lk = 32768, one thread): gathering ran at about 0.8 of contiguous for every
+/// block size, products per run at 0.65 (16 keys), 0.83 (64) and 1.0 (256).
+inline constexpr index_t paged_product_rows = 64;
+
+/// Calls product(element, row, column, count) for each run of keys [first, first + count) of
+/// sequence s, having asked for the first rows of the next run: the hardware prefetcher follows
+/// a run, not the jump to the next block.
+template <class S, class Product>
+void for_each_run_prefetching(const tensor_view<const S>& t, const batch_layout& layout, std::size_t s, index_t h, index_t first,
+                              index_t count, Product product) {
+  constexpr index_t ahead = 8;
+  index_t previous[4] = {-1, 0, 0, 0};  // element, row, column, count of the run before
+  layout.key_runs(s, first, count, [&](index_t element, index_t row, index_t column, index_t rows) {
+    prefetch_rows(t.row(element, row, h), t.seq_stride, std::min(ahead, rows), t.dim);
+    if (previous[0] >= 0) product(previous[0], previous[1], previous[2], previous[3]);
+    previous[0] = element, previous[1] = row, previous[2] = column, previous[3] = rows;
+  });
+  if (previous[0] >= 0) product(previous[0], previous[1], previous[2], previous[3]);
+}
+
 /// Rows [first, first + count) of sequence s's keys (t: k or v, head h) copied into `out`
 /// (count, t.dim) contiguous: a paged tile's rows for the matrix-vector products of decoding.
 template <class S>
@@ -202,9 +226,17 @@ void strip_scores(const forward_problem<S>& pb, const batch_layout& layout, cons
     strip.noalias() = pb.scale * (queries * pb.k.rows(seq.batch, h / pb.group, seq.k_begin + c0 + columns.begin, columns.size()).transpose());
     return;
   }
-  // A paged tile's rows gathered into the packed key buffer (unused when decoding): one product
-  // over the whole tile, the same call a contiguous cache makes (a product per run of a block of
-  // 16 keys cost a third of the step), and the same bits.
+  if (layout.paged->block_size >= paged_product_rows) {  // one product per run, the next run's first rows prefetched
+    for_each_run_prefetching(pb.k, layout, tile.sequence, h / pb.group, c0 + columns.begin, columns.size(),
+                             [&](index_t element, index_t row, index_t column, index_t count) {
+                               Eigen::Map<row_matrix<S>, 0, Eigen::OuterStride<>> part(out + column, n, count, Eigen::OuterStride<>(ld));
+                               part.noalias() = pb.scale * (queries * pb.k.rows(element, h / pb.group, row, count).transpose());
+                             });
+    return;
+  }
+  // Small blocks: the tile's rows gathered into the packed key buffer (unused when decoding) for
+  // one product over the whole tile, the call a contiguous cache makes (a product per run of 16
+  // keys cost a third of the step).
   gather_key_rows(pb.k, layout, tile.sequence, h / pb.group, c0 + columns.begin, columns.size(), s.keys.data());
   strip.noalias() = pb.scale * (queries * Eigen::Map<const row_matrix<S>>(s.keys.data(), columns.size(), dim).transpose());
 }
@@ -224,6 +256,14 @@ void strip_values(const forward_problem<S>& pb, const batch_layout& layout, cons
   const sequence& seq = layout.sequences[tile.sequence];
   if (!layout.paged) {
     s.accumulator.middleRows(r0, n).noalias() += strip * pb.v.rows(seq.batch, h / pb.group, seq.k_begin + c0 + columns.begin, columns.size());
+    return;
+  }
+  if (layout.paged->block_size >= paged_product_rows) {  // as strip_scores: P V summed run by run
+    for_each_run_prefetching(pb.v, layout, tile.sequence, h / pb.group, c0 + columns.begin, columns.size(),
+                             [&](index_t element, index_t row, index_t column, index_t count) {
+                               Eigen::Map<const row_matrix<S>, 0, Eigen::OuterStride<>> part(p + column, n, count, Eigen::OuterStride<>(ld));
+                               s.accumulator.middleRows(r0, n).noalias() += part * pb.v.rows(element, h / pb.group, row, count);
+                             });
     return;
   }
   gather_key_rows(pb.v, layout, tile.sequence, h / pb.group, c0 + columns.begin, columns.size(), s.values.data());  // as strip_scores
