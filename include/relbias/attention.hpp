@@ -166,9 +166,10 @@ void normalise_row(S row_max, S row_sum, const AccumulatorRow& accumulator_row, 
 /// Decoding over a paged float cache: blocks of at least this many keys take one matrix-vector
 /// product per run of rows in a block, straight from the pool (P V is then summed run by run:
 /// within float rounding of a contiguous cache); smaller blocks gather each tile's rows first
-/// (a copy, but one product per tile: the contiguous cache's bits). Measured (bench/decode.cpp,
-/// paged/fp32, Lk = 32768, one thread): gathering ran at about 0.8 of contiguous for every
-/// block size, products per run at 0.65 (16 keys), 0.83 (64) and 1.0 (256).
+/// (a copy, but one product per tile: the contiguous cache's bits). Measured with blocks laid
+/// out [num_blocks, block, heads, d] (bench/decode.cpp, paged/fp32, Lk = 32768, one thread, a
+/// loaded machine): gathering ran at about 0.8 of contiguous for every block size, products
+/// per run at 0.65 (16 keys), 0.83 (64) and 1.0 (256).
 inline constexpr index_t paged_product_rows = 64;
 
 /// Calls product(element, row, column, count) for each run of keys [first, first + count) of
@@ -178,13 +179,15 @@ template <class S, class Product>
 void for_each_run_prefetching(const tensor_view<const S>& t, const batch_layout& layout, std::size_t s, index_t h, index_t first,
                               index_t count, Product product) {
   constexpr index_t ahead = 8;
-  index_t previous[4] = {-1, 0, 0, 0};  // element, row, column, count of the run before
+  struct run {
+    index_t element = -1, row = 0, column = 0, count = 0;
+  } previous;
   layout.key_runs(s, first, count, [&](index_t element, index_t row, index_t column, index_t rows) {
     prefetch_rows(t.row(element, row, h), t.seq_stride, std::min(ahead, rows), t.dim);
-    if (previous[0] >= 0) product(previous[0], previous[1], previous[2], previous[3]);
-    previous[0] = element, previous[1] = row, previous[2] = column, previous[3] = rows;
+    if (previous.element >= 0) product(previous.element, previous.row, previous.column, previous.count);
+    previous = {element, row, column, rows};
   });
-  if (previous[0] >= 0) product(previous[0], previous[1], previous[2], previous[3]);
+  if (previous.element >= 0) product(previous.element, previous.row, previous.column, previous.count);
 }
 
 /// Rows [first, first + count) of sequence s's keys (t: k or v, head h) copied into `out`

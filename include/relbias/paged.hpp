@@ -19,11 +19,11 @@
 //
 // The kernels cut a sequence's keys into the tiles a contiguous cache gives (tiles count logical
 // rows) and reach a tile's rows a run at a time (the rows of the tile inside one block): prefill
-// packs the runs as it packs contiguous rows, float decoding copies them into the tile buffer
-// for the contiguous cache's matrix-vector product, and the 16-bit streamed loop looks up each
-// block's row offsets once. So a paged call gives the bits of the same keys contiguous, whatever
-// the block size; the cost of a block table is that copy (float decoding) or lookup, and the
-// memory streams it breaks at block ends (docs/paged.md has the measurements).
+// packs the runs as it packs contiguous rows, the 16-bit streamed loop looks up each block's row
+// offsets once, float decoding runs one product per block of 64+ keys or copies smaller blocks'
+// runs into the tile buffer. So a paged call gives the bits of the same keys contiguous, except
+// float decoding over blocks of 64+ keys (within float rounding: P V summed block by block).
+// Blocks of 64 keys and more keep decoding near a contiguous cache's speed (docs/paged.md).
 //
 // Only the fused forward reads a paged cache (relbias::attention, float and 16-bit pools); the
 // backward, the reference kernels and ring attention take contiguous keys and reject

@@ -162,16 +162,15 @@ void check_explicit_positions(const char* where, const tensor_view<const Q>& q, 
       const index_t slot = s.batch * q.seq + s.q_begin + r, value = options.q_positions[std::size_t(slot)];
       if (value < 0 || value >= max_position) fail_position(where, "q_positions", slot, value, "of a query row" + of + range);
     }
+    index_t previous = -1;
     for (index_t c = 0; c < s.k_length && !options.k_positions.empty(); ++c) {
       const index_t slot = key_slot(options.paged, k.seq, n, s, c), value = options.k_positions[std::size_t(slot)];
       if (value < 0 || value >= max_position) fail_position(where, "k_positions", slot, value, "of a key" + of + range);
-      if (c > 0) {
-        const index_t previous = options.k_positions[std::size_t(key_slot(options.paged, k.seq, n, s, c - 1))];
-        if (value <= previous)
-          fail_position(where, "k_positions", slot, value,
-                        "of key " + std::to_string(c) + of + "must exceed the position of the key before it, " + std::to_string(previous) +
-                            " (a sequence's key positions must increase strictly)");
-      }
+      if (value <= previous)
+        fail_position(where, "k_positions", slot, value,
+                      "of key " + std::to_string(c) + of + "must exceed the position of the key before it, " + std::to_string(previous) +
+                          " (a sequence's key positions must increase strictly)");
+      previous = value;
     }
   }
 }
