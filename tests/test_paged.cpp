@@ -281,6 +281,29 @@ TEMPLATE_TEST_CASE("paged: sequences sharing a prompt's blocks each equal themse
     }
 }
 
+TEMPLATE_TEST_CASE("paged: packed queries of one batch element, prefill chunks beside decoding steps (continuous batching)", "[paged]",
+                   float, Eigen::half) {
+  using K = TestType;
+  // q holds every sequence's new rows back to back (vLLM's flattened batch): a 9-row prompt
+  // chunk, two decoding steps, a 12-row chunk; each sequence's keys through its table row.
+  const std::vector<index_t> lengths{30, 41, 17, 64}, new_rows{9, 1, 1, 12};
+  const auto keys = random_tensor<float>(4, 64, kv_heads, dim, 82), values = random_tensor<float>(4, 64, kv_heads, dim_v, 83);
+  const auto q = random_tensor<float>(1, 23, heads, dim, 81);
+  for (index_t block : {16, 64}) {
+    const pool<K> p = make_pool<K>(keys, values, lengths, block, 0, 10);
+    std::vector<sequence> sequences;
+    for (index_t s = 0, row = 0; s < 4; row += new_rows[std::size_t(s)], ++s)
+      sequences.push_back({.batch = 0, .q_begin = row, .q_length = new_rows[std::size_t(s)], .k_length = lengths[std::size_t(s)],
+                           .q_start = lengths[std::size_t(s)] - new_rows[std::size_t(s)]});
+    for (masking mask : {masking::causal, masking::bidirectional}) {
+      attention_options<float> options{.mask = mask, .sliding_window = 20, .num_threads = 2};
+      options.sequences = sequences;
+      INFO("block " << block << ", mask " << masking_name(mask));
+      CHECK(paged_vs_alone(kerple_log<float>{heads, 4}, q, keys, values, p, options) <= decoding_tolerance<K>(block, 1));
+    }
+  }
+}
+
 TEMPLATE_TEST_CASE("paged: long sequences through the public attention(), default tiles, two threads, GQA", "[paged]", float,
                    Eigen::bfloat16) {
   using K = TestType;
