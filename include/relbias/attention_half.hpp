@@ -11,7 +11,9 @@
 // memory, half of a float cache, and no float copy is written. A larger item widens each key
 // block into a float tile in L2 for Eigen's matrix products. Never is the whole cache widened.
 // With fewer items than threads (one sequence, few key/value heads) each query head is an item
-// of its own, trading one read of K and V per group for the threads.
+// of its own, trading one read of K and V per group for the threads. A paged cache
+// (options.paged, paged.hpp) is read through its block table: a streamed item looks up each
+// key block's row offsets once, a larger one widens the runs of blocks into the same float tile.
 //
 // The backward has no 16-bit path yet: attention_backward() with 16-bit inputs throws
 // std::invalid_argument (widen to float and call the float backward).
