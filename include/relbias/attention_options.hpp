@@ -50,8 +50,8 @@ struct attention_options {
   //                a paged cache (llama.cpp's per-cell positions): strictly increasing along
   //                each sequence's keys, so that the keys a query sees stay one interval
   // Every position a sequence reads must lie in [0, 2^62). Shift-invariant policies keep their
-  // table wherever a run of visible keys has consecutive positions; elsewhere they look up
-  // each key. FIRE reads the absolute query position: shifting every position by t changes its
+  // table over every run of visible keys at consecutive positions (a whole tile, or the sinks
+  // and the window of a StreamingLLM cache). FIRE reads the absolute query position: shifting every position by t changes its
   // bias for queries past its threshold L (docs/paged.md).
   std::span<const index_t> q_positions{};
   std::span<const index_t> k_positions{};
