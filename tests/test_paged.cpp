@@ -429,6 +429,33 @@ TEMPLATE_TEST_CASE("paged: explicit positions, a StreamingLLM cache (sinks, evic
         });
 }
 
+TEMPLATE_TEST_CASE("paged: explicit positions in prefill tiles and through the 16-bit kernel", "[paged]", float, Eigen::bfloat16) {
+  using K = TestType;
+  // 12 queries (one packed tile for the float kernel, items of the 16-bit one) at positions
+  // 141, 139, ..., 130 (unsorted) over 40 keys at 0..3 and 100..135 in blocks of 8.
+  std::vector<index_t> kpos{0, 1, 2, 3}, qpos;
+  for (index_t j = 100; j < 136; ++j) kpos.push_back(j);
+  for (index_t r = 0; r < 12; ++r) qpos.push_back(141 - r);
+  const auto q = random_tensor<float>(1, 12, heads, dim, 91);
+  // Keys rounded to K once, so the plain definition sees the values the kernel reads.
+  const auto keys = converted<float>(converted<K>(random_tensor<float>(1, 40, kv_heads, dim, 92)));
+  const auto values = converted<float>(converted<K>(random_tensor<float>(1, 40, kv_heads, dim_v, 93)));
+  pool<K> p = make_pool<K>(keys, values, {40}, 8, 0, 11);
+  for (index_t c = 0; c < 40; ++c) p.positions[std::size_t(p.table[std::size_t(c / 8)] * 8 + c % 8)] = kpos[std::size_t(c)];
+  for (masking mask : {masking::causal, masking::bidirectional})
+    for (std::optional<index_t> window : {std::optional<index_t>{}, std::optional<index_t>{30}})
+      for_each_policy<float>(mask, [&](const auto& bias) {
+        attention_options<float> options{.mask = mask, .sliding_window = window, .num_threads = 1};
+        options.sequences = std::vector<sequence>{{.q_length = 12, .k_length = 40}};
+        options.q_positions = qpos;
+        options.k_positions = p.positions;
+        options.paged = p.paged();
+        INFO("mask " << masking_name(mask) << ", window " << window_text(window) << ", policy " << typeid(bias).name());
+        const tensor<double> expected = plain_attention(q, keys, values, qpos, kpos, bias, options);
+        CHECK(error_against(fused(q, p.k, p.v, bias, options), 0, expected) < 2e-5);
+      });
+}
+
 TEST_CASE("paged: explicit consecutive positions give the bits of q_start / k_start, contiguous and paged", "[paged]") {
   const std::vector<index_t> lengths{37, 50};
   const auto keys = random_tensor<float>(2, 50, kv_heads, dim, 52), values = random_tensor<float>(2, 50, kv_heads, dim_v, 53);
