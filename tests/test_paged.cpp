@@ -304,6 +304,23 @@ TEMPLATE_TEST_CASE("paged: packed queries of one batch element, prefill chunks b
   }
 }
 
+TEST_CASE("paged: compute_precision::bf16 takes the fp32 path for paged caches and explicit positions", "[paged]") {
+  // The AMX kernel packs contiguous keys at start + row positions; with a block table or
+  // explicit positions the call must not reach it (its result would read the wrong rows).
+  const std::vector<index_t> lengths{300, 140};
+  const auto keys = random_tensor<float>(2, 300, kv_heads, dim, 102), values = random_tensor<float>(2, 300, kv_heads, dim_v, 103);
+  const auto q = random_tensor<float>(2, 140, heads, dim, 101);
+  const pool<Eigen::bfloat16> p = make_pool<Eigen::bfloat16>(keys, values, lengths, 64, 0, 12);
+  attention_options<float> options{.mask = masking::causal, .num_threads = 2};
+  options.sequences = decoding_sequences(lengths, 140, p.capacity());
+  options.paged = p.paged();
+  const alibi<float> bias{heads};
+  const auto fp32 = attention(q.view(), p.k.view(), p.v.view(), bias, options);
+  options.compute = compute_precision::bf16;
+  const auto bf16 = attention(q.view(), p.k.view(), p.v.view(), bias, options);
+  CHECK(relbias_test::max_relative_error<float>(bf16.out.view(), fp32.out.view()) == 0);
+}
+
 TEMPLATE_TEST_CASE("paged: long sequences through the public attention(), default tiles, two threads, GQA", "[paged]", float,
                    Eigen::bfloat16) {
   using K = TestType;

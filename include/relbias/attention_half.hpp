@@ -283,7 +283,10 @@ void attention_storage(tensor_view<const Q> q, tensor_view<const KV> k, tensor_v
   const int threads = thread_count(options.num_threads);
   const auto plan = make_bias_plan(bias, visited_window(layout), threads);
   if constexpr (std::same_as<KV, Eigen::bfloat16>) {
-    if (options.compute == compute_precision::bf16 && amx::usable()) {
+    // The AMX kernel packs contiguous keys at start + row positions: paged caches and explicit
+    // positions take the fp32 path.
+    const bool contiguous = !options.paged && options.q_positions.empty() && options.k_positions.empty();
+    if (options.compute == compute_precision::bf16 && contiguous && amx::usable()) {
       const bf16_forward_problem<Q> pb{q, k, v, o, lse, options.scale_for(q.dim), q.heads / k.heads};
       bf16_fused_forward(pb, layout, plan, threads);
       return;

@@ -21,7 +21,8 @@ namespace relbias {
 ///         widened tensors up to float rounding (the default, on every CPU);
 ///   bf16  Q K^T and P V as bf16 products with float accumulation on Intel AMX where the CPU
 ///         has it (P rounded to bf16; docs/storage.md gives the error bound), the fp32 path
-///         elsewhere and for Eigen::half storage. For prefill and training-sized calls: a
+///         elsewhere, for Eigen::half storage, paged caches and explicit positions (the AMX
+///         kernel packs contiguous keys). For prefill and training-sized calls: a
 ///         decoding step is limited by reading the cache, not by products.
 /// Float and double inputs ignore it.
 enum class compute_precision { fp32, bf16 };
@@ -51,8 +52,8 @@ struct attention_options {
   //                each sequence's keys, so that the keys a query sees stay one interval
   // Every position a sequence reads must lie in [0, 2^62). Shift-invariant policies keep their
   // table over every run of visible keys at consecutive positions (a whole tile, or the sinks
-  // and the window of a StreamingLLM cache). FIRE reads the absolute query position: shifting every position by t changes its
-  // bias for queries past its threshold L (docs/paged.md).
+  // and the window of a StreamingLLM cache). FIRE reads the absolute query position: shifting
+  // every position by t changes its bias for queries past its threshold L (docs/paged.md).
   std::span<const index_t> q_positions{};
   std::span<const index_t> k_positions{};
   std::optional<Scalar> scale{};      // multiplies Q K^T (not the bias); default 1/sqrt(dim), T5 uses 1
