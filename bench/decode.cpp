@@ -4,14 +4,28 @@
 //   storage/<fp32|f16|bf16>: no bias, float query, the cache stored as float, Eigen::half or
 //     Eigen::bfloat16, all through the loop of attention_half.hpp, so the formats differ only in
 //     the bytes they stream (2 * Lk * heads * d * sizeof(element) per step); tokens/s = steps/s.
+//   paged/<fp32|bf16>: the storage/* step (no bias, float query, 8 heads, d = 64) through the public
+//     attention() over a paged cache: a pool of blocks of 16, 64 or 256 keys, each block head-major
+//     in memory (vLLM's layout), read through a block table whose blocks are shuffled (a pool
+//     after some serving: no two neighbours adjacent), each iteration against the same keys
+//     contiguous, [batch, heads, seq, dim] as storage/*; time and tokens/s are the paged step's,
+//     vs_contiguous = its tokens/s over the contiguous step's (docs/paged.md). block = Lk (one
+//     block: the contiguous memory behind a table) calibrates: it differs from 1 by the noise.
 //   probe/copy, probe/read: the machine's memory bandwidth in the same run, on as many threads as
 //     a decoding step uses, over a buffer the size of the float cache: memcpy (GB/s counts bytes
 //     read + written, STREAM's convention) and a read-only sum (bytes read, the traffic of decoding).
 #include "policies.hpp"
 
 #include <relbias/attention_half.hpp>
+#include <relbias/paged.hpp>
 
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
 #include <cstring>
+#include <numeric>
+#include <random>
+#include <span>
 #include <vector>
 
 #ifdef _OPENMP
@@ -73,6 +87,59 @@ void decode_storage(benchmark::State& state) {
   state.counters["tokens/s"] = benchmark::Counter(1, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+/// One decoding step over Lk keys stored as T in a pool of blocks of `block` keys read through a
+/// shuffled block table, against the same step over the same keys contiguous: each iteration
+/// runs both, in alternating order, so that both see the same machine (on a shared machine the
+/// load changes faster than one benchmark runs). The reported time is the paged step's;
+/// "vs_contiguous" = contiguous time / paged time over all iterations (tokens/s ratio).
+template <class T>
+void decode_paged(benchmark::State& state) {
+  using clock = std::chrono::steady_clock;
+  const index_t keys = state.range(0), block = state.range(1), blocks = keys / block;
+  const auto q = random_input(1, heads, 1);
+  const head_major_cache<T> k(random_input(keys, heads, 2)), v(random_input(keys, heads, 3));
+  std::vector<std::int32_t> table(static_cast<std::size_t>(blocks));  // logical block m in pool block table[m]
+  std::iota(table.begin(), table.end(), 0);
+  std::shuffle(table.begin(), table.end(), std::mt19937(7));
+  // Pools [num_blocks, heads, block, dim] in memory (vLLM's head-major blocks), viewed as
+  // [num_blocks, block, heads, dim]: a head's rows in a block are one contiguous run.
+  std::vector<T> k_memory(k.memory.size()), v_memory(v.memory.size());
+  const tensor_view<T> k_pool{k_memory.data(), blocks, block, heads, dim, heads * block * dim, dim, block * dim};
+  const tensor_view<T> v_pool{v_memory.data(), blocks, block, heads, dim, heads * block * dim, dim, block * dim};
+  for (index_t m = 0; m < blocks; ++m)
+    for (index_t h = 0; h < heads; ++h) {
+      std::copy_n(k.view.row(0, m * block, h), block * dim, k_pool.row(table[std::size_t(m)], 0, h));
+      std::copy_n(v.view.row(0, m * block, h), block * dim, v_pool.row(table[std::size_t(m)], 0, h));
+    }
+  tensor<float> o(1, 1, heads, dim);
+  const no_bias<float> bias{heads};
+  attention_options<float> contiguous{.mask = masking::causal};
+  const std::vector<index_t> lengths{keys};
+  contiguous.sequences = decoding_sequences(lengths, 1, keys);
+  attention_options<float> paged = contiguous;
+  paged.paged = paged_kv{block, block_table(std::span<const std::int32_t>(table), 1, blocks)};
+  const auto timed = [&](tensor_view<const T> keys_of, tensor_view<const T> values_of, const attention_options<float>& options) {
+    const auto start = clock::now();
+    attention(q.view(), keys_of, values_of, bias, options, o.view());
+    benchmark::DoNotOptimize(o.data());
+    return std::chrono::duration<double>(clock::now() - start).count();
+  };
+  double paged_seconds = 0, contiguous_seconds = 0;
+  bool paged_first = false;
+  for (auto _ : state) {
+    double p = 0, c = 0;
+    if (paged_first) p = timed(k_pool, v_pool, paged), c = timed(k.view, v.view, contiguous);
+    else c = timed(k.view, v.view, contiguous), p = timed(k_pool, v_pool, paged);
+    paged_first = !paged_first;
+    state.SetIterationTime(p);
+    paged_seconds += p;
+    contiguous_seconds += c;
+  }
+  set_bytes_per_second(state, 2.0 * double(keys) * heads * dim * sizeof(T));
+  state.counters["tokens/s"] = benchmark::Counter(1, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["vs_contiguous"] = contiguous_seconds / paged_seconds;
+}
+
 /// Calls work(begin, end) on each thread's slice of [0, n), on the threads a decoding step uses.
 template <class Work>
 void on_every_thread(std::size_t n, Work work) {
@@ -122,6 +189,12 @@ int main(int argc, char** argv) {
   storage("fp32", decode_storage<float>);
   storage("f16", decode_storage<Eigen::half>);
   storage("bf16", decode_storage<Eigen::bfloat16>);
+  for (const auto& [name, run] : {std::pair{"paged/fp32", &decode_paged<float>}, {"paged/bf16", &decode_paged<Eigen::bfloat16>}})
+    benchmark::RegisterBenchmark(name, run)
+        ->ArgNames({"Lk", "block"})
+        ->Args({4096, 16})->Args({4096, 64})->Args({4096, 256})->Args({4096, 4096})
+        ->Args({32768, 16})->Args({32768, 64})->Args({32768, 256})->Args({32768, 32768})
+        ->Unit(benchmark::kMicrosecond)->UseManualTime();
   const index_t float_cache_mib = 2 * 32768 * heads * dim * index_t(sizeof(float)) >> 20;  // 128 MiB
   for (const auto& [name, probe] : {std::pair{"probe/copy", &probe_copy}, {"probe/read", &probe_read}})
     benchmark::RegisterBenchmark(name, probe)->ArgName("MiB")->Arg(float_cache_mib)->Unit(benchmark::kMicrosecond)->UseRealTime();

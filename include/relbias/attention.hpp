@@ -163,12 +163,57 @@ void normalise_row(S row_max, S row_sum, const AccumulatorRow& accumulator_row, 
   if (lse) *lse = empty ? -std::numeric_limits<S>::infinity() : row_max + std::log(row_sum);
 }
 
+/// Decoding over a paged float cache: blocks of at least this many keys take one matrix-vector
+/// product per run of rows in a block, straight from the pool (P V is then summed run by run:
+/// within float rounding of a contiguous cache); smaller blocks gather each tile's rows first
+/// (a copy, but one product per tile: the contiguous cache's bits). Measured with blocks laid
+/// out [num_blocks, block, heads, d] (bench/decode.cpp, paged/fp32, Lk = 32768, one thread, a
+/// loaded machine): gathering ran at about 0.8 of contiguous for every block size, products
+/// per run at 0.65 (16 keys), 0.83 (64) and 1.0 (256).
+inline constexpr index_t paged_product_rows = 64;
+
+/// Calls product(element, row, column, count) for each run of keys [first, first + count) of
+/// sequence s, having asked for the first rows of the next run: the hardware prefetcher follows
+/// a run, not the jump to the next block.
+template <class S, class Product>
+void for_each_run_prefetching(const tensor_view<const S>& t, const batch_layout& layout, std::size_t s, index_t h, index_t first,
+                              index_t count, Product product) {
+  constexpr index_t ahead = 8;
+  struct run {
+    index_t element = -1, row = 0, column = 0, count = 0;
+  } previous;
+  layout.key_runs(s, first, count, [&](index_t element, index_t row, index_t column, index_t rows) {
+    prefetch_rows(t.row(element, row, h), t.seq_stride, std::min(ahead, rows), t.dim);
+    if (previous.element >= 0) product(previous.element, previous.row, previous.column, previous.count);
+    previous = {element, row, column, rows};
+  });
+  if (previous.element >= 0) product(previous.element, previous.row, previous.column, previous.count);
+}
+
+/// Rows [first, first + count) of sequence s's keys (t: k or v, head h) copied into `out`
+/// (count, t.dim) contiguous: a paged tile's rows for the matrix-vector products of decoding.
+template <class S>
+void gather_key_rows(const tensor_view<const S>& t, const batch_layout& layout, std::size_t s, index_t h, index_t first, index_t count,
+                     S* out) {
+  namespace ei = Eigen::internal;
+  constexpr index_t lanes = lanes_of<S>;
+  const index_t dim = t.dim, full = dim / lanes * lanes;
+  layout.key_runs(s, first, count, [&](index_t element, index_t row, index_t column, index_t rows) {
+    for (index_t c = 0; c < rows; ++c) {  // packet copies: memcpy per row of 64 floats took 60 instructions
+      const S* from = t.row(element, row + c, h);
+      S* to = out + (column + c) * dim;
+      for (index_t d = 0; d < full; d += lanes) ei::pstoreu(to + d, ei::ploadu<packet_of<S>>(from + d));
+      for (index_t d = full; d < dim; ++d) to[d] = from[d];
+    }
+  });
+}
+
 /// Scores of rows [r0, r0 + n) of a query tile against key columns `columns` of the key tile at
 /// c0, into the strip buffer: by the micro-kernel from the packed tiles, or (packed = false: a
 /// tile of fewer rows than a block, i.e. decoding) by Eigen's matrix-vector products straight
 /// from K, which read each key once instead of transposing it first.
 template <class S>
-void strip_scores(const forward_problem<S>& pb, const sequence& seq, const query_tile& tile, index_t h, index_t c0,
+void strip_scores(const forward_problem<S>& pb, const batch_layout& layout, const query_tile& tile, index_t h, index_t c0,
                   index_range columns, index_t r0, index_t n, bool packed, forward_scratch<S>& s) {
   const index_t dim = pb.q.dim, ld = s.scores.cols();
   S* out = s.scores.data() + columns.begin;
@@ -177,15 +222,32 @@ void strip_scores(const forward_problem<S>& pb, const sequence& seq, const query
                      {out, ld}, pb.scale, false);
     return;
   }
+  const sequence& seq = layout.sequences[tile.sequence];
+  const auto queries = pb.q.rows(seq.batch, h, seq.q_begin + tile.r0 + r0, n);  // (n, D)
   Eigen::Map<row_matrix<S>, 0, Eigen::OuterStride<>> strip(out, n, columns.size(), Eigen::OuterStride<>(ld));
-  strip.noalias() = pb.scale * (pb.q.rows(seq.batch, h, seq.q_begin + tile.r0 + r0, n) *
-                                pb.k.rows(seq.batch, h / pb.group, seq.k_begin + c0 + columns.begin, columns.size()).transpose());
+  if (!layout.paged) {
+    strip.noalias() = pb.scale * (queries * pb.k.rows(seq.batch, h / pb.group, seq.k_begin + c0 + columns.begin, columns.size()).transpose());
+    return;
+  }
+  if (layout.paged->block_size >= paged_product_rows) {  // one product per run, the next run's first rows prefetched
+    for_each_run_prefetching(pb.k, layout, tile.sequence, h / pb.group, c0 + columns.begin, columns.size(),
+                             [&](index_t element, index_t row, index_t column, index_t count) {
+                               Eigen::Map<row_matrix<S>, 0, Eigen::OuterStride<>> part(out + column, n, count, Eigen::OuterStride<>(ld));
+                               part.noalias() = pb.scale * (queries * pb.k.rows(element, h / pb.group, row, count).transpose());
+                             });
+    return;
+  }
+  // Small blocks: the tile's rows gathered into the packed key buffer (unused when decoding) for
+  // one product over the whole tile, the call a contiguous cache makes (a product per run of 16
+  // keys cost a third of the step).
+  gather_key_rows(pb.k, layout, tile.sequence, h / pb.group, c0 + columns.begin, columns.size(), s.keys.data());
+  strip.noalias() = pb.scale * (queries * Eigen::Map<const row_matrix<S>>(s.keys.data(), columns.size(), dim).transpose());
 }
 
 /// acc rows [r0, r0 + n) += P V over the key columns `columns` (packed or not, as strip_scores).
 template <class S>
-void strip_values(const forward_problem<S>& pb, const sequence& seq, index_t h, index_t c0, index_range columns, index_t r0,
-                  index_t n, bool packed, forward_scratch<S>& s) {
+void strip_values(const forward_problem<S>& pb, const batch_layout& layout, const query_tile& tile, index_t h, index_t c0,
+                  index_range columns, index_t r0, index_t n, bool packed, forward_scratch<S>& s) {
   const index_t dim_v = pb.v.dim, ld = s.scores.cols();
   const S* p = s.scores.data() + columns.begin;
   if (packed) {
@@ -194,8 +256,60 @@ void strip_values(const forward_problem<S>& pb, const sequence& seq, index_t h, 
     return;
   }
   Eigen::Map<const row_matrix<S>, 0, Eigen::OuterStride<>> strip(p, n, columns.size(), Eigen::OuterStride<>(ld));
-  s.accumulator.middleRows(r0, n).noalias() +=
-      strip * pb.v.rows(seq.batch, h / pb.group, seq.k_begin + c0 + columns.begin, columns.size());
+  const sequence& seq = layout.sequences[tile.sequence];
+  if (!layout.paged) {
+    s.accumulator.middleRows(r0, n).noalias() += strip * pb.v.rows(seq.batch, h / pb.group, seq.k_begin + c0 + columns.begin, columns.size());
+    return;
+  }
+  if (layout.paged->block_size >= paged_product_rows) {  // as strip_scores: P V summed run by run
+    for_each_run_prefetching(pb.v, layout, tile.sequence, h / pb.group, c0 + columns.begin, columns.size(),
+                             [&](index_t element, index_t row, index_t column, index_t count) {
+                               Eigen::Map<const row_matrix<S>, 0, Eigen::OuterStride<>> part(p + column, n, count, Eigen::OuterStride<>(ld));
+                               s.accumulator.middleRows(r0, n).noalias() += part * pb.v.rows(element, h / pb.group, row, count);
+                             });
+    return;
+  }
+  gather_key_rows(pb.v, layout, tile.sequence, h / pb.group, c0 + columns.begin, columns.size(), s.values.data());  // as strip_scores
+  s.accumulator.middleRows(r0, n).noalias() += strip * Eigen::Map<const row_matrix<S>>(s.values.data(), columns.size(), dim_v);
+}
+
+/// The bias of query position i over the visible columns of the key tile at c0. Keys at
+/// consecutive positions (always, unless options.k_positions says otherwise) take the plan's
+/// row: returned when it is a table slice (the softmax's max pass adds it), else added to
+/// row[visible) here. Explicit key positions go run by run of consecutive positions, so a
+/// shift-invariant policy still reads its table (a StreamingLLM cache: the sinks, then the window).
+template <class S, class Plan>
+const S* visible_row_bias(const Plan& plan, const sequence_positions& pos, index_t h, index_t i, index_t c0, index_range visible,
+                          S* row) {
+  const index_t first = c0 + visible.begin;
+  if (pos.consecutive_keys(first, visible.size())) {
+    const index_t j0 = pos.key(first);
+    if (const S* slice = plan_row<S>(plan, h, i, j0)) return slice;
+    plan.add_row(h, i, j0, visible.size(), row + visible.begin);
+    return nullptr;
+  }
+  for (index_t c = visible.begin; c < visible.end;) {
+    index_t end = c + 1;
+    while (end < visible.end && pos.key(c0 + end) == pos.key(c0 + end - 1) + 1) ++end;
+    plan.add_row(h, i, pos.key(c0 + c), end - c, row + c);
+    c = end;
+  }
+  return nullptr;
+}
+
+/// Of the strip's rows (positions p.query(first + r), r < n), the key tile columns each sees,
+/// clamped into their hull `columns` (returned): rows that see nothing get an empty range there.
+inline index_range strip_visible(const sequence_positions& p, const offset_band& band, index_t first, index_t n, index_t c0,
+                                 index_t bc, index_range* visible) {
+  for (index_t r = 0; r < n; ++r) visible[r] = p.visible_keys(band, p.query(first + r), c0, bc);
+  if (!p.q) return {visible[0].begin, visible[n - 1].end};  // the band's ends grow with the position
+  index_range hull{bc, 0};
+  for (index_t r = 0; r < n; ++r)
+    if (!visible[r].empty()) hull = {std::min(hull.begin, visible[r].begin), std::max(hull.end, visible[r].end)};
+  if (hull.empty()) return {};
+  for (index_t r = 0; r < n; ++r)
+    visible[r] = visible[r].empty() ? index_range{hull.begin, hull.begin} : visible[r];
+  return hull;
 }
 
 /// One strip of rows [r0, r0 + n) of a query tile against the key tile at c0: scores, then bias,
@@ -203,36 +317,32 @@ void strip_values(const forward_problem<S>& pb, const sequence& seq, index_t h, 
 /// are computed (visible ranges grow with the query position), so causal diagonals and sliding
 /// windows cost a strip, not a tile.
 template <class S, class Plan>
-void forward_strip(const forward_problem<S>& pb, const Plan& plan, const offset_band& band, const sequence& seq,
-                   const query_tile& tile, index_t h, index_t c0, index_t bc, index_t r0, index_t n, bool packed,
-                   forward_scratch<S>& s) {
-  const index_t j0 = key_position(seq.k_start, c0), ld = s.scores.cols();
-  const index_t first_i = query_position(seq.q_start, tile.r0 + r0);
-  const index_range columns{band.visible_keys(first_i, j0, bc).begin, band.visible_keys(first_i + n - 1, j0, bc).end};
+void forward_strip(const forward_problem<S>& pb, const Plan& plan, const batch_layout& layout, const query_tile& tile, index_t h,
+                   index_t c0, index_t bc, index_t r0, index_t n, bool packed, forward_scratch<S>& s) {
+  const sequence_positions& pos = layout.positions[tile.sequence];
+  const index_t ld = s.scores.cols();
+  index_range visible[block_rows];  // n <= block_rows
+  const index_range columns = strip_visible(pos, layout.band, tile.r0 + r0, n, c0, bc, visible);
   if (columns.empty()) return;  // no row sees a key here: the online softmax state stays as it is
-  strip_scores(pb, seq, tile, h, c0, columns, r0, n, packed, s);
+  strip_scores(pb, layout, tile, h, c0, columns, r0, n, packed, s);
   for (index_t r = 0; r < n; ++r) {
-    const index_range visible = band.visible_keys(first_i + r, j0, bc);  // one interval: no test per key
     S* row = s.scores.data() + r * ld;
-    std::fill(row + columns.begin, row + visible.begin, S(0));
+    std::fill(row + columns.begin, row + visible[r].begin, S(0));
     // A row that sees no key of this tile reads no bias: its offsets may lie outside the plan's window.
     // A table plan's slice is added in the softmax's max pass; other plans add their bias here.
     const S* bias = nullptr;
-    if (!visible.empty()) {
-      bias = plan_row<S>(plan, h, first_i + r, j0 + visible.begin);
-      if (!bias) plan.add_row(h, first_i + r, j0 + visible.begin, visible.size(), row + visible.begin);
-    }
-    online_softmax_row(row + visible.begin, visible.size(), columns.end - visible.begin, s.row_max[r0 + r], s.row_sum[r0 + r],
+    if (!visible[r].empty()) bias = visible_row_bias(plan, pos, h, pos.query(tile.r0 + r0 + r), c0, visible[r], row);
+    online_softmax_row(row + visible[r].begin, visible[r].size(), columns.end - visible[r].begin, s.row_max[r0 + r], s.row_sum[r0 + r],
                        s.accumulator.row(r0 + r), bias);
   }
-  strip_values(pb, seq, h, c0, columns, r0, n, packed, s);
+  strip_values(pb, layout, tile, h, c0, columns, r0, n, packed, s);
 }
 
 /// During the last 8 strips over a key tile, each strip requests its share of the next key
 /// tile's K and V rows, shortly before they are packed (alternated runs at L = 4096: up to 1.1x
 /// faster than without, never slower). r0: the strip's first row in the query tile.
 template <class S>
-void prefetch_next_key_tile(const forward_problem<S>& pb, const sequence& seq, const query_tile& tile, index_t kv_head,
+void prefetch_next_key_tile(const forward_problem<S>& pb, const batch_layout& layout, const query_tile& tile, index_t kv_head,
                             index_t c0, index_t r0) {
   constexpr index_t fetching_strips = 8;
   const index_t next = c0 + pb.tiles.cols, strips_left = (tile.rows - r0 + block_rows - 1) / block_rows;
@@ -242,16 +352,20 @@ void prefetch_next_key_tile(const forward_problem<S>& pb, const sequence& seq, c
   const index_t share = (next_bc + fetching - 1) / fetching, first = (fetching - strips_left) * share;
   const index_t count = std::min(share, next_bc - first);
   if (count <= 0) return;
-  prefetch_rows(pb.k.row(seq.batch, seq.k_begin + next + first, kv_head), pb.k.seq_stride, count, pb.k.dim);
-  prefetch_rows(pb.v.row(seq.batch, seq.k_begin + next + first, kv_head), pb.v.seq_stride, count, pb.v.dim);
+  layout.key_runs(tile.sequence, next + first, count, [&](index_t element, index_t row, index_t, index_t rows) {
+    prefetch_rows(pb.k.row(element, row, kv_head), pb.k.seq_stride, rows, pb.k.dim);
+    prefetch_rows(pb.v.row(element, row, kv_head), pb.v.seq_stride, rows, pb.v.dim);
+  });
 }
 
 /// Packing K and V costs about a twentieth of a 256-row tile's products, but more than the
 /// products themselves for the one row of a decoding step: tiles of fewer rows than a block read
-/// K and V unpacked.
+/// K and V unpacked. Packing gathers a paged cache's runs into the same tiles a contiguous cache
+/// gives, so prefill over a paged cache has the contiguous cache's bits.
 template <class S, class Plan>
-void forward_query_tile(const forward_problem<S>& pb, const Plan& plan, const offset_band& band, const sequence& seq,
-                        const query_tile& tile, index_t h, forward_scratch<S>& s) {
+void forward_query_tile(const forward_problem<S>& pb, const Plan& plan, const batch_layout& layout, const query_tile& tile, index_t h,
+                        forward_scratch<S>& s) {
+  const sequence& seq = layout.sequences[tile.sequence];
   const index_t br = tile.rows, b = seq.batch, first_row = seq.q_begin + tile.r0;
   const index_t kv_head = h / pb.group, dim = pb.q.dim, dim_v = pb.v.dim;
   const bool packed = br >= block_rows;
@@ -262,13 +376,14 @@ void forward_query_tile(const forward_problem<S>& pb, const Plan& plan, const of
 
   for (index_t c0 = tile.keys.begin; c0 < tile.keys.end; c0 += pb.tiles.cols) {
     const index_t bc = std::min(pb.tiles.cols, tile.keys.end - c0);
-    if (packed) {
-      pack_transposed(pb.k.row(b, seq.k_begin + c0, kv_head), pb.k.seq_stride, bc, dim, s.keys.data(), s.keys.cols());
-      pack_rows(pb.v.row(b, seq.k_begin + c0, kv_head), pb.v.seq_stride, bc, dim_v, s.values.data());
-    }
+    if (packed)
+      layout.key_runs(tile.sequence, c0, bc, [&](index_t element, index_t row, index_t column, index_t count) {
+        pack_transposed(pb.k.row(element, row, kv_head), pb.k.seq_stride, count, dim, s.keys.data() + column, s.keys.cols());
+        pack_rows(pb.v.row(element, row, kv_head), pb.v.seq_stride, count, dim_v, s.values.data() + column * dim_v);
+      });
     for (index_t r0 = 0; r0 < br; r0 += block_rows) {
-      if (packed) prefetch_next_key_tile(pb, seq, tile, kv_head, c0, r0);
-      forward_strip(pb, plan, band, seq, tile, h, c0, bc, r0, std::min<index_t>(block_rows, br - r0), packed, s);
+      if (packed) prefetch_next_key_tile(pb, layout, tile, kv_head, c0, r0);
+      forward_strip(pb, plan, layout, tile, h, c0, bc, r0, std::min<index_t>(block_rows, br - r0), packed, s);
     }
   }
 
@@ -311,7 +426,7 @@ void fused_forward(const forward_problem<S>& pb, const batch_layout& layout, con
   parallel_items(index_t(tiles.size()) * heads, thread_count(pb.options.num_threads), make_scratch,
                  [&](index_t item, forward_scratch<S>& s) {
                    const query_tile& tile = tiles[std::size_t(item / heads)];
-                   forward_query_tile(pb, plan, layout.band, layout.sequences[tile.sequence], tile, item % heads, s);
+                   forward_query_tile(pb, plan, layout, tile, item % heads, s);
                  });
 }
 

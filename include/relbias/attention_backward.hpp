@@ -306,6 +306,7 @@ void check_attention_backward_call(const char* where, const tensor_view<const S>
                                    const tensor_view<const S>& d_out, std::span<const S> lse, const Bias& bias,
                                    const attention_options<S>& options, const tensor_view<S>& dq, const tensor_view<S>& dk,
                                    const tensor_view<S>& dv, std::span<S> bias_grad) {
+  check_contiguous_keys(where, options);
   check_qkv(where, q, k, v, index_t(bias.num_heads()), options);
   std::size_t parameter_count = 0;
   if constexpr (learned_bias<Bias>) parameter_count = std::size_t(bias.parameters().size());

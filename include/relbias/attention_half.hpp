@@ -11,7 +11,9 @@
 // memory, half of a float cache, and no float copy is written. A larger item widens each key
 // block into a float tile in L2 for Eigen's matrix products. Never is the whole cache widened.
 // With fewer items than threads (one sequence, few key/value heads) each query head is an item
-// of its own, trading one read of K and V per group for the threads.
+// of its own, trading one read of K and V per group for the threads. A paged cache
+// (options.paged, paged.hpp) is read through its block table: a streamed item looks up each
+// key block's row offsets once, a larger one widens the runs of blocks into the same float tile.
 //
 // The backward has no 16-bit path yet: attention_backward() with 16-bit inputs throws
 // std::invalid_argument (widen to float and call the float backward).
@@ -26,6 +28,7 @@
 #include <span>
 #include <stdexcept>
 #include <type_traits>
+#include <vector>
 
 namespace relbias {
 
@@ -62,7 +65,49 @@ struct half_forward_scratch {
   row_matrix<float> scores;       // (R, Bc)
   row_matrix<float> accumulator;  // (R, Dv)
   Eigen::ArrayXf row_max, row_sum;
+  std::vector<index_t> k_rows{}, v_rows{};  // streamed items over a paged cache: offsets of the key block's rows (and the next block's)
 };
+
+/// Where a streamed item finds key (and value) c of its key block, c from 0 up to end() (the
+/// block and the next one, prefetched during this one). Contiguous keys: rows first + c.
+template <class KV>
+struct contiguous_key_rows {
+  const KV *k, *v;  // row `first` of (b, kv_head)
+  index_t k_stride, v_stride, end_;
+  const KV* key(index_t c) const noexcept { return k + c * k_stride; }
+  const KV* value(index_t c) const noexcept { return v + c * v_stride; }
+  index_t end() const noexcept { return end_; }
+};
+
+/// A paged cache's rows, looked up once per block through the table (half_forward_scratch).
+template <class KV>
+struct paged_key_rows {
+  const KV *k, *v;                   // k.data, v.data
+  const index_t *k_rows, *v_rows;    // offsets of rows 0 .. end() - 1
+  index_t end_;
+  const KV* key(index_t c) const noexcept { return k + k_rows[c]; }
+  const KV* value(index_t c) const noexcept { return v + v_rows[c]; }
+  index_t end() const noexcept { return end_; }
+};
+
+/// Offsets from k.data and v.data of the rows of columns [c0, c0 + count) of sequence s, head
+/// kv_head, into rows.k_rows / v_rows: one lookup per run of rows in a block, not per key.
+template <class Q, class KV>
+paged_key_rows<KV> paged_rows(const half_forward_problem<Q, KV>& pb, const batch_layout& layout, std::size_t s, index_t kv_head,
+                              index_t c0, index_t count, half_forward_scratch& rows) {
+  rows.k_rows.resize(std::size_t(count));
+  rows.v_rows.resize(std::size_t(count));
+  layout.key_runs(s, c0, count, [&](index_t element, index_t row, index_t column, index_t n) {
+    const index_t k_first = pb.k.row(element, row, kv_head) - pb.k.data, v_first = pb.v.row(element, row, kv_head) - pb.v.data;
+    index_t* k_rows = rows.k_rows.data() + column;
+    index_t* v_rows = rows.v_rows.data() + column;
+    for (index_t c = 0; c < n; ++c) {
+      k_rows[c] = k_first + c * pb.k.seq_stride;
+      v_rows[c] = v_first + c * pb.v.seq_stride;
+    }
+  });
+  return {pb.k.data, pb.v.data, rows.k_rows.data(), rows.v_rows.data(), count};
+}
 
 using float_rows_map = Eigen::Map<const row_matrix<float>, 0, Eigen::OuterStride<>>;
 
@@ -77,6 +122,21 @@ float_rows_map float_rows(const tensor_view<const T>& t, index_t b, index_t h, i
     for (index_t n = 0; n < count; ++n) widen(t.row(b, first + n, h), t.dim, &buffer(n, 0));
     return float_rows_map(buffer.data(), count, t.dim, Eigen::OuterStride<>(buffer.cols()));
   }
+}
+
+/// Columns [c0, c0 + count) of sequence s's keys (or values, t) of head h as floats: float_rows
+/// of the one run of a contiguous cache; a paged cache's runs widened (or copied) into buffer.
+template <class T>
+float_rows_map float_key_rows(const tensor_view<const T>& t, const batch_layout& layout, std::size_t s, index_t h, index_t c0,
+                              index_t count, row_matrix<float>& buffer) {
+  if (!layout.paged) {
+    const sequence& seq = layout.sequences[s];
+    return float_rows(t, seq.batch, h, seq.k_begin + c0, count, buffer);
+  }
+  layout.key_runs(s, c0, count, [&](index_t element, index_t row, index_t column, index_t n) {
+    for (index_t c = 0; c < n; ++c) widen(t.row(element, row + c, h), t.dim, &buffer(column + c, 0));
+  });
+  return float_rows_map(buffer.data(), count, t.dim, Eigen::OuterStride<>(buffer.cols()));
 }
 
 /// Asks for the cache lines of one stored row ahead of its use. A decoding step is one long
@@ -95,40 +155,58 @@ void prefetch_row(const T* row, index_t dim) {
 /// widening over many rows. Streaming saves writing and re-reading that tile, which costs a
 /// decoding step more than the bytes it saves.
 ///
-/// scores(rho, c) = scale * q.row(rho) . float(k row first + c of (b, kv_head)), prefetching the
-/// block's v rows, which come next.
-template <class Q, class KV, class Rows, class Scores>
-void streamed_scores(const half_forward_problem<Q, KV>& pb, index_t b, index_t kv_head, index_t first, const Rows& q, Scores& scores) {
+/// scores(rho, c) = scale * q.row(rho) . float(key c) (rows.key(c)), prefetching the block's v
+/// rows, which come next.
+template <class Q, class KV, class KeyRows, class Rows, class Scores>
+void streamed_scores(const half_forward_problem<Q, KV>& pb, const KeyRows& rows, const Rows& q, Scores& scores) {
   for (index_t c = 0; c < scores.cols(); ++c) {
-    const KV* key = pb.k.row(b, first + c, kv_head);
-    prefetch_row(pb.v.row(b, first + c, kv_head), pb.v.dim);
+    const KV* key = rows.key(c);
+    prefetch_row(rows.value(c), pb.v.dim);
     for (index_t rho = 0; rho < scores.rows(); ++rho) scores(rho, c) = pb.scale * dot_widened(&q(rho, 0), key, pb.k.dim);
   }
 }
 
-/// acc.row(rho) += sum over c of scores(rho, c) * float(v row first + c of (b, kv_head)), two
-/// keys at a time (an odd last key with weight 0 against itself), prefetching the k rows of the
-/// next block, up to row `end`.
-template <class Q, class KV, class Scores, class Accumulator>
-void streamed_values(const half_forward_problem<Q, KV>& pb, index_t b, index_t kv_head, index_t first, index_t end,
-                     const Scores& scores, Accumulator& acc) {
-  const index_t next = first + scores.cols(), n = scores.cols();
+/// acc.row(rho) += sum over c of scores(rho, c) * float(value c), two keys at a time (an odd
+/// last key with weight 0 against itself), prefetching the k rows of the next block (up to
+/// rows.end()).
+template <class Q, class KV, class KeyRows, class Scores, class Accumulator>
+void streamed_values(const half_forward_problem<Q, KV>& pb, const KeyRows& rows, const Scores& scores, Accumulator& acc) {
+  const index_t n = scores.cols(), end = rows.end();
   for (index_t c = 0; c < n; c += 2) {
     const bool pair = c + 1 < n;
-    const KV* v0 = pb.v.row(b, first + c, kv_head);
-    const KV* v1 = pair ? pb.v.row(b, first + c + 1, kv_head) : v0;
-    for (index_t ahead = next + c; ahead < std::min(next + c + 2, end); ++ahead) prefetch_row(pb.k.row(b, ahead, kv_head), pb.k.dim);
+    const KV* v0 = rows.value(c);
+    const KV* v1 = pair ? rows.value(c + 1) : v0;
+    for (index_t ahead = n + c; ahead < std::min(n + c + 2, end); ++ahead) prefetch_row(rows.key(ahead), pb.k.dim);
     for (index_t rho = 0; rho < scores.rows(); ++rho)
       axpy2_widened(scores(rho, c), v0, pair ? scores(rho, c + 1) : 0.0f, v1, pb.v.dim, &acc(rho, 0));
   }
+}
+
+/// Scores and then P V of a streamed item's key block at c0 (bc keys); between them,
+/// softmax(scores) does the bias and the online softmax. A paged cache's rows are looked up first.
+template <class Q, class KV, class Rows, class Scores, class Accumulator, class Softmax>
+void streamed_block(const half_forward_problem<Q, KV>& pb, const batch_layout& layout, const query_tile& tile, index_t kv_head,
+                    index_t c0, const Rows& q, Scores& scores, Accumulator& acc, half_forward_scratch& s, Softmax softmax) {
+  const index_t rows_ahead = std::min(scores.cols() + pb.tiles.cols, tile.keys.end - c0);  // this block and the next
+  const auto run = [&](const auto& rows) {
+    streamed_scores(pb, rows, q, scores);
+    softmax(scores);
+    streamed_values(pb, rows, scores, acc);
+  };
+  if (layout.paged) return run(paged_rows(pb, layout, tile.sequence, kv_head, c0, rows_ahead, s));
+  const sequence& seq = layout.sequences[tile.sequence];
+  run(contiguous_key_rows<KV>{pb.k.row(seq.batch, seq.k_begin + c0, kv_head), pb.v.row(seq.batch, seq.k_begin + c0, kv_head),
+                              pb.k.seq_stride, pb.v.seq_stride, rows_ahead});
 }
 
 /// One work item: query rows [tile.r0, tile.r0 + tile.rows) of `seq` for query heads
 /// [first_head, first_head + heads_per_item), all of key/value head first_head / group. Row rho
 /// of the item's tiles is head first_head + rho / tile.rows, query row tile.r0 + rho % tile.rows.
 template <class Q, class KV, class Plan>
-void half_forward_item(const half_forward_problem<Q, KV>& pb, const Plan& plan, const offset_band& band, const sequence& seq,
-                       const query_tile& tile, index_t first_head, half_forward_scratch& s) {
+void half_forward_item(const half_forward_problem<Q, KV>& pb, const Plan& plan, const batch_layout& layout, const query_tile& tile,
+                       index_t first_head, half_forward_scratch& s) {
+  const sequence& seq = layout.sequences[tile.sequence];
+  const sequence_positions& pos = layout.positions[tile.sequence];
   const index_t rows = tile.rows, count = rows * pb.heads_per_item, b = seq.batch, kv_head = first_head / pb.group;
   const auto head_of = [&](index_t rho) { return first_head + rho / rows; };
   const auto row_of = [&](index_t rho) { return tile.r0 + rho % rows; };
@@ -143,20 +221,26 @@ void half_forward_item(const half_forward_problem<Q, KV>& pb, const Plan& plan, 
 
   for (index_t c0 = tile.keys.begin; c0 < tile.keys.end; c0 += pb.tiles.cols) {
     const index_t bc = std::min(pb.tiles.cols, tile.keys.end - c0);
-    const index_t j0 = key_position(seq.k_start, c0);
     auto scores = s.scores.topLeftCorner(count, bc);  // (R, Bc)
-    if (streamed) streamed_scores(pb, b, kv_head, seq.k_begin + c0, q, scores);
-    else scores.noalias() = pb.scale * (q * float_rows(pb.k, b, kv_head, seq.k_begin + c0, bc, s.k).transpose());
-    for (index_t rho = 0; rho < count; ++rho) {
-      const index_t i = query_position(seq.q_start, row_of(rho));
-      const index_range visible = band.visible_keys(i, j0, bc);
-      float* row = &scores(rho, 0);
-      std::fill(row, row + visible.begin, 0.0f);
-      if (!visible.empty()) plan.add_row(head_of(rho), i, j0 + visible.begin, visible.size(), row + visible.begin);
-      online_softmax_row(row + visible.begin, visible.size(), bc - visible.begin, s.row_max[rho], s.row_sum[rho], acc.row(rho));
+    const auto softmax = [&](auto& block_scores) {
+      for (index_t rho = 0; rho < count; ++rho) {
+        const index_t i = pos.query(row_of(rho));
+        const index_range visible = pos.visible_keys(layout.band, i, c0, bc);
+        float* row = &block_scores(rho, 0);
+        std::fill(row, row + visible.begin, 0.0f);
+        if (!visible.empty())
+          if (const float* slice = visible_row_bias(plan, pos, head_of(rho), i, c0, visible, row))
+            add_values(slice, visible.size(), row + visible.begin);
+        online_softmax_row(row + visible.begin, visible.size(), bc - visible.begin, s.row_max[rho], s.row_sum[rho], acc.row(rho));
+      }
+    };
+    if (streamed) {
+      streamed_block(pb, layout, tile, kv_head, c0, q, scores, acc, s, softmax);
+    } else {
+      scores.noalias() = pb.scale * (q * float_key_rows(pb.k, layout, tile.sequence, kv_head, c0, bc, s.k).transpose());
+      softmax(scores);
+      acc.noalias() += scores * float_key_rows(pb.v, layout, tile.sequence, kv_head, c0, bc, s.v);  // (R, Dv)
     }
-    if (streamed) streamed_values(pb, b, kv_head, seq.k_begin + c0, seq.k_begin + tile.keys.end, scores, acc);
-    else acc.noalias() += scores * float_rows(pb.v, b, kv_head, seq.k_begin + c0, bc, s.v);  // (R, Dv)
   }
 
   for (index_t rho = 0; rho < count; ++rho) {
@@ -177,14 +261,13 @@ void half_fused_forward(half_forward_problem<Q, KV> pb, const batch_layout& layo
   auto make_scratch = [&] {
     half_forward_scratch s{row_matrix<float>(count, pb.q.dim), row_matrix<float>(pb.tiles.cols, pb.k.dim),
                            row_matrix<float>(pb.tiles.cols, pb.v.dim), row_matrix<float>(count, pb.tiles.cols),
-                           row_matrix<float>(count, pb.v.dim), Eigen::ArrayXf(count), Eigen::ArrayXf(count)};
+                           row_matrix<float>(count, pb.v.dim), Eigen::ArrayXf(count), Eigen::ArrayXf(count), {}, {}};
     return s;
   };
   parallel_items(index_t(tiles.size()) * items_per_tile, thread_count(threads), make_scratch,
                  [&](index_t item, half_forward_scratch& s) {
                    const query_tile& tile = tiles[std::size_t(item / items_per_tile)];
-                   half_forward_item(pb, plan, layout.band, layout.sequences[tile.sequence], tile,
-                                     (item % items_per_tile) * pb.heads_per_item, s);
+                   half_forward_item(pb, plan, layout, tile, (item % items_per_tile) * pb.heads_per_item, s);
                  });
 }
 
@@ -200,7 +283,10 @@ void attention_storage(tensor_view<const Q> q, tensor_view<const KV> k, tensor_v
   const int threads = thread_count(options.num_threads);
   const auto plan = make_bias_plan(bias, visited_window(layout), threads);
   if constexpr (std::same_as<KV, Eigen::bfloat16>) {
-    if (options.compute == compute_precision::bf16 && amx::usable()) {
+    // The AMX kernel packs contiguous keys at start + row positions: paged caches and explicit
+    // positions take the fp32 path.
+    const bool contiguous = !options.paged && options.q_positions.empty() && options.k_positions.empty();
+    if (options.compute == compute_precision::bf16 && contiguous && amx::usable()) {
       const bf16_forward_problem<Q> pb{q, k, v, o, lse, options.scale_for(q.dim), q.heads / k.heads};
       bf16_fused_forward(pb, layout, plan, threads);
       return;

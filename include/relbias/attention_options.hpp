@@ -3,6 +3,7 @@
 // the tensors and the bias policy.
 
 #include "relbias/offset.hpp"
+#include "relbias/paged.hpp"
 #include "relbias/sequences.hpp"
 #include "relbias/tensor.hpp"
 
@@ -20,7 +21,8 @@ namespace relbias {
 ///         widened tensors up to float rounding (the default, on every CPU);
 ///   bf16  Q K^T and P V as bf16 products with float accumulation on Intel AMX where the CPU
 ///         has it (P rounded to bf16; docs/storage.md gives the error bound), the fp32 path
-///         elsewhere and for Eigen::half storage. For prefill and training-sized calls: a
+///         elsewhere, for Eigen::half storage, paged caches and explicit positions (the AMX
+///         kernel packs contiguous keys). For prefill and training-sized calls: a
 ///         decoding step is limited by reading the cache, not by products.
 /// Float and double inputs ignore it.
 enum class compute_precision { fp32, bf16 };
@@ -39,6 +41,21 @@ struct attention_options {
   // stay 0 when sequences are given). Owned: `options.sequences = padded_sequences(lengths, L);`
   // is safe.
   sequence_list sequences{};
+  // Paged KV cache (paged.hpp): k and v are pools [num_blocks, block_size, Hk, D] read through
+  // a block table, one row per sequence. Fused forward only (attention()); needs sequences.
+  std::optional<paged_kv> paged{};
+  // Explicit positions (fused forward only), instead of q_start + row and k_start + row (and
+  // each sequence's q_start / k_start, which are then ignored). Empty: not given. Non-owning.
+  //   q_positions  one per row of q, [batch][Lq] (Hugging Face's position_ids): any values
+  //   k_positions  one per row of k, [batch][Lk], or per pool slot [num_blocks][block_size] for
+  //                a paged cache (llama.cpp's per-cell positions): strictly increasing along
+  //                each sequence's keys, so that the keys a query sees stay one interval
+  // Every position a sequence reads must lie in [0, 2^62). Shift-invariant policies keep their
+  // table over every run of visible keys at consecutive positions (a whole tile, or the sinks
+  // and the window of a StreamingLLM cache). FIRE reads the absolute query position: shifting
+  // every position by t changes its bias for queries past its threshold L (docs/paged.md).
+  std::span<const index_t> q_positions{};
+  std::span<const index_t> k_positions{};
   std::optional<Scalar> scale{};      // multiplies Q K^T (not the bias); default 1/sqrt(dim), T5 uses 1
   int num_threads = 0;                // fused kernels: 0 = OpenMP's default; ignored without OpenMP
   compute_precision compute = compute_precision::fp32;  // bfloat16 inputs only: see compute_precision

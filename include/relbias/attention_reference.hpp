@@ -88,6 +88,7 @@ void reference_attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v
                          const attention_options<S>& options, output_tensor<S> o, output_span<S> lse = {}) {
   // Preconditions
   constexpr const char* where = "relbias::reference_attention";
+  detail::check_contiguous_keys(where, options);
   detail::check_qkv(where, q, k, v, index_t(bias.num_heads()), options);
   detail::check_bias_mode(where, bias, options);
   detail::check_outputs(where, q, v, o, lse, false);
@@ -114,6 +115,7 @@ void reference_attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v
 template <bias_policy Bias, class S = typename Bias::scalar_type>
 attention_result<S> reference_attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v,
                                         const Bias& bias, const attention_options<S>& options = {}) {
+  detail::check_contiguous_keys("relbias::reference_attention", options);
   detail::check_qkv("relbias::reference_attention", q, k, v, index_t(bias.num_heads()), options);
   detail::check_result_sizes("relbias::reference_attention", q, v);
   detail::check_sequences("relbias::reference_attention", q, k, options);

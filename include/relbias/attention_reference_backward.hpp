@@ -139,6 +139,7 @@ void reference_attention_backward(input_tensor<S> q, input_tensor<S> k, input_te
   //   q, k, v, the bias's head count and options as for reference_attention(); o, d_out, dq, dk,
   //   dv shaped as above; lse of B * Hq * Lq values; bias_grad empty or of parameters().size().
   constexpr const char* where = "relbias::reference_attention_backward";
+  detail::check_contiguous_keys(where, options);
   detail::check_qkv(where, q, k, v, index_t(bias.num_heads()), options);
   detail::check_reference_bias_grad<Bias>(where, bias_grad.size());
   std::size_t parameter_count = 0;

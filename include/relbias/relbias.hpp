@@ -5,6 +5,7 @@
 #include "relbias/concepts.hpp"
 #include "relbias/config.hpp"
 #include "relbias/offset.hpp"
+#include "relbias/paged.hpp"
 #include "relbias/sequences.hpp"
 #include "relbias/tensor.hpp"
 

@@ -119,15 +119,17 @@ void check_positions(const char* where, const attention_options<S>& options, ind
   check("k_start", options.k_start, "Lk", key_length);
 }
 
-/// q [B, Lq, Hq, D], k [B, Lk, Hk, D], v [B, Lk, Hk, Dv] with Hk dividing Hq; a bias with Hq
+/// q [B, Lq, Hq, D], k [B, Lk, Hk, D], v [B, Lk, Hk, Dv] (paged: k and v [num_blocks,
+/// block_size, Hk, D / Dv]) with Hk dividing Hq; a bias with Hq
 /// heads; a finite scale; positions within [0, 2^62].
 template <class Q, class K, class V, class S>
 void check_qkv(const char* where, const tensor_view<const Q>& q, const tensor_view<const K>& k,
                const tensor_view<const V>& v, index_t bias_heads, const attention_options<S>& options) {
   check_tensor(where, "q", q);
   check_tensor(where, "k", k);
-  check_shape(where, "k", k, q.batch, k.seq, k.heads, q.dim);
-  check_shape(where, "v", v, q.batch, k.seq, k.heads, v.dim);
+  const index_t kv_batch = options.paged ? k.batch : q.batch;  // a paged cache: k and v are pools of blocks
+  check_shape(where, "k", k, kv_batch, k.seq, k.heads, q.dim);
+  check_shape(where, "v", v, kv_batch, k.seq, k.heads, v.dim);
   if (q.heads % k.heads != 0)
     fail(where, "q.heads (" + std::to_string(q.heads) + ") must be a multiple of k.heads (" + std::to_string(k.heads) +
                     ") for grouped-query attention");

@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -63,14 +65,120 @@ inline void check_disjoint(const char* where, std::span<const sequence> sequence
                       " and " + rows_text(used[u].begin, used[u].end - used[u].begin));
 }
 
-/// The batch arguments: options.sliding_window >= 1; with options.sequences, q_start = k_start
-/// = 0, each sequence inside q and k, no two overlapping, every batch element holding one (an
-/// idle element is listed with zero lengths, so a lengths array of the wrong size is caught).
+/// The entry points without a paged or explicit-position path (the backward, the reference
+/// kernels, the ring) reject those options instead of reading the pools as contiguous keys.
+template <class S>
+void check_contiguous_keys(const char* where, const attention_options<S>& options) {
+  if (options.paged)
+    fail(where, "options.paged is supported by the fused forward (relbias::attention) only; gather the blocks into "
+                "contiguous k and v tensors for this entry point");
+  if (!options.q_positions.empty() || !options.k_positions.empty())
+    fail(where, "options.q_positions / options.k_positions are supported by the fused forward (relbias::attention) only, got " +
+                    std::to_string(options.q_positions.size()) + " and " + std::to_string(options.k_positions.size()) +
+                    " positions; use q_start / k_start (or each sequence's) here");
+}
+
+/// options.paged against the pools k and v (check_qkv has checked that they share batch and
+/// seq extents): a block size that is a positive multiple of 8 and the pools' seq extent, one
+/// table row per sequence, and options.sequences given.
+template <class K, class S>
+void check_paged(const char* where, const tensor_view<const K>& k, const attention_options<S>& options) {
+  const paged_kv& paged = *options.paged;
+  if (paged.block_size < 8 || paged.block_size % 8 != 0)
+    fail(where, "options.paged->block_size must be a positive multiple of 8, got " + std::to_string(paged.block_size));
+  if (paged.block_size != k.seq)
+    fail(where, "options.paged->block_size = " + std::to_string(paged.block_size) + " must equal the pools' block extent k.seq = " +
+                    std::to_string(k.seq) + " (k and v pools are [num_blocks, block_size, heads, dim])");
+  if (options.sequences.empty())
+    fail(where, "options.paged needs options.sequences, one per block-table row (e.g. decoding_sequences(cache_seqlens, Lq, "
+                "max_blocks * block_size))");
+  if (paged.blocks.rows() != index_t(options.sequences.size()))
+    fail(where, "options.paged->blocks has " + std::to_string(paged.blocks.rows()) + " rows but options.sequences has " +
+                    std::to_string(options.sequences.size()) + " sequences (one block-table row per sequence)");
+}
+
+/// Sequence n's key rows in its block-table row: the row holds enough blocks for
+/// [k_begin, k_begin + k_length) and every block it reads lies in the pool of num_blocks.
+inline void check_paged_keys(const char* where, const paged_kv& paged, std::size_t n, const sequence& s, index_t num_blocks) {
+  const std::string name = "options.sequences[" + std::to_string(n) + "]";
+  if (s.k_length < 0) fail(where, name + ".k_length must be >= 0, got " + std::to_string(s.k_length));
+  if (s.k_begin < 0) fail(where, name + ".k_begin must be >= 0, got " + std::to_string(s.k_begin));
+  if (s.k_length == 0) return;
+  const index_t capacity = paged.blocks.cols() * paged.block_size;
+  if (s.k_begin > capacity - s.k_length)
+    fail(where, "options.paged->blocks row " + std::to_string(n) + " is too short: its " + std::to_string(paged.blocks.cols()) +
+                    " blocks of " + std::to_string(paged.block_size) + " keys hold " + std::to_string(capacity) + " keys, but " + name +
+                    " reads key rows " + rows_text(s.k_begin, s.k_length));
+  for (index_t block = s.k_begin / paged.block_size; block <= (s.k_begin + s.k_length - 1) / paged.block_size; ++block) {
+    const index_t id = paged.blocks(index_t(n), block);
+    if (id < 0 || id >= num_blocks)
+      fail(where, "options.paged->blocks[" + std::to_string(n) + "][" + std::to_string(block) + "] = " + std::to_string(id) +
+                      " is outside the pool of " + std::to_string(num_blocks) + " blocks (k.batch)");
+  }
+}
+
+/// The sequences a call runs: options.sequences, or one per batch element over all rows.
+template <class S>
+std::vector<sequence> resolved_sequences(const attention_options<S>& options, index_t batch, index_t query_length, index_t key_length) {
+  std::vector<sequence> list(options.sequences.begin(), options.sequences.end());
+  if (list.empty())
+    for (index_t b = 0; b < batch; ++b) list.push_back({b, 0, query_length, 0, key_length, options.q_start, options.k_start});
+  return list;
+}
+
+/// Where logical key column c of sequence n (s) lives: slot paged ? block * block_size + row :
+/// batch * key_length + row, the index of its row of k in [num_blocks or batch][block_size or Lk].
+inline index_t key_slot(const std::optional<paged_kv>& paged, index_t key_length, std::size_t n, const sequence& s, index_t c) {
+  const index_t row = s.k_begin + c;
+  if (!paged) return s.batch * key_length + row;
+  return paged->blocks(index_t(n), row / paged->block_size) * paged->block_size + row % paged->block_size;
+}
+
+[[noreturn]] inline void fail_position(const char* where, const char* array, index_t slot, index_t value, const std::string& why) {
+  fail(where, std::string("options.") + array + "[" + std::to_string(slot) + "] = " + std::to_string(value) + " " + why);
+}
+
+/// options.q_positions and k_positions: one per row of q (of k, or of the pool), and each
+/// position a sequence reads in [0, 2^62), the keys' strictly increasing along each sequence.
 template <class Q, class K, class S>
-void check_sequences(const char* where, const tensor_view<const Q>& q, const tensor_view<const K>& k,
-                     const attention_options<S>& options) {
-  if (options.sliding_window && *options.sliding_window < 1)
-    fail(where, "options.sliding_window must be >= 1 (keys per query), got " + std::to_string(*options.sliding_window));
+void check_explicit_positions(const char* where, const tensor_view<const Q>& q, const tensor_view<const K>& k,
+                              const attention_options<S>& options) {
+  const auto sizes = [&](const char* array, std::size_t size, index_t extent, index_t rows, const char* what) {
+    const index_t expected = checked_product(where, std::string("options.") + array + " size", {extent, rows});
+    if (size != 0 && index_t(size) != expected)
+      fail(where, std::string("options.") + array + " must be empty or hold one position per " + what + " = " + std::to_string(expected) +
+                      ", got " + std::to_string(size));
+  };
+  sizes("q_positions", options.q_positions.size(), q.batch, q.seq, "row of q (batch * Lq)");
+  sizes("k_positions", options.k_positions.size(), k.batch, k.seq,
+        options.paged ? "slot of the pool (num_blocks * block_size)" : "row of k (batch * Lk)");
+  if (options.q_positions.empty() && options.k_positions.empty()) return;
+  const std::vector<sequence> list = resolved_sequences(options, q.batch, q.seq, k.seq);
+  const std::string range = "must be in [0, 2^62)";
+  for (std::size_t n = 0; n < list.size(); ++n) {
+    const sequence& s = list[n];
+    const std::string of = " (options.sequences[" + std::to_string(n) + "]) ";
+    for (index_t r = 0; r < s.q_length && !options.q_positions.empty(); ++r) {
+      const index_t slot = s.batch * q.seq + s.q_begin + r, value = options.q_positions[std::size_t(slot)];
+      if (value < 0 || value >= max_position) fail_position(where, "q_positions", slot, value, "of a query row" + of + range);
+    }
+    index_t previous = -1;
+    for (index_t c = 0; c < s.k_length && !options.k_positions.empty(); ++c) {
+      const index_t slot = key_slot(options.paged, k.seq, n, s, c), value = options.k_positions[std::size_t(slot)];
+      if (value < 0 || value >= max_position) fail_position(where, "k_positions", slot, value, "of a key" + of + range);
+      if (value <= previous)
+        fail_position(where, "k_positions", slot, value,
+                      "of key " + std::to_string(c) + of + "must exceed the position of the key before it, " + std::to_string(previous) +
+                          " (a sequence's key positions must increase strictly)");
+      previous = value;
+    }
+  }
+}
+
+/// check_sequences' part on options.sequences.
+template <class Q, class K, class S>
+void check_sequence_list(const char* where, const tensor_view<const Q>& q, const tensor_view<const K>& k,
+                         const attention_options<S>& options) {
   if (options.sequences.empty()) return;
   if (options.q_start != 0 || options.k_start != 0)
     fail(where, "options.q_start and options.k_start must be 0 when options.sequences is given (each sequence carries its "
@@ -86,8 +194,10 @@ void check_sequences(const char* where, const tensor_view<const Q>& q, const ten
     if (s.batch < 0 || s.batch >= q.batch)
       fail(where, name + ".batch must be in [0, " + std::to_string(q.batch) + "), got " + std::to_string(s.batch));
     check_sequence_rows(where, name, options.sequences.name(n, true), "q", s.q_begin, s.q_length, "q.seq", q.seq);
-    check_sequence_rows(where, name, options.sequences.name(n, false), "k", s.k_begin, s.k_length,
-                        "k.seq (the capacity of k and v)", k.seq);
+    if (options.paged) check_paged_keys(where, *options.paged, n, s, k.batch);
+    else
+      check_sequence_rows(where, name, options.sequences.name(n, false), "k", s.k_begin, s.k_length,
+                          "k.seq (the capacity of k and v)", k.seq);
     check_sequence_positions(where, name, "q_start", s.q_start, s.q_length);
     check_sequence_positions(where, name, "k_start", s.k_start, s.k_length);
     holds[std::size_t(s.batch)] = 1;
@@ -98,23 +208,99 @@ void check_sequences(const char* where, const tensor_view<const Q>& q, const ten
                       (options.sequences.per_batch_array() ? options.sequences.per_batch_array() : "options.sequences") + " has " +
                       std::to_string(options.sequences.size()) + " entries; list an idle element with zero lengths)");
   check_disjoint(where, options.sequences, true);
-  check_disjoint(where, options.sequences, false);
+  if (!options.paged) check_disjoint(where, options.sequences, false);  // blocks may be shared
 }
+
+/// The batch arguments: options.sliding_window >= 1; with options.sequences, q_start = k_start
+/// = 0, each sequence inside q and k, no two overlapping, every batch element holding one (an
+/// idle element is listed with zero lengths, so a lengths array of the wrong size is caught).
+/// With options.paged, key rows are checked against the block table (check_paged_keys) and may
+/// be shared; explicit positions as check_explicit_positions.
+template <class Q, class K, class S>
+void check_sequences(const char* where, const tensor_view<const Q>& q, const tensor_view<const K>& k,
+                     const attention_options<S>& options) {
+  if (options.sliding_window && *options.sliding_window < 1)
+    fail(where, "options.sliding_window must be >= 1 (keys per query), got " + std::to_string(*options.sliding_window));
+  if (options.paged) check_paged(where, k, options);
+  check_sequence_list(where, q, k, options);
+  check_explicit_positions(where, q, k, options);
+}
+
+/// Positions of one sequence's query rows and key columns: start + index, or the caller's
+/// arrays (options.q_positions / k_positions, the keys' strictly increasing).
+struct sequence_positions {
+  index_t q_start = 0, k_start = 0;
+  const index_t* q = nullptr;  // q_length positions, or null: q_start + r
+  const index_t* k = nullptr;  // k_length positions, or null: k_start + c
+
+  index_t query(index_t r) const noexcept { return q ? q[r] : query_position(q_start, r); }
+  index_t key(index_t c) const noexcept { return k ? k[c] : key_position(k_start, c); }
+  /// Whether keys [c0, c0 + n) sit at consecutive positions (strictly increasing: the ends decide).
+  bool consecutive_keys(index_t c0, index_t n) const noexcept { return !k || n <= 1 || k[c0 + n - 1] - k[c0] == n - 1; }
+  /// Of the n keys from column c0, the columns [begin, end) that query position i sees: the band's
+  /// interval for consecutive keys, two binary searches over increasing ones.
+  index_range visible_keys(const offset_band& band, index_t i, index_t c0, index_t n) const noexcept {
+    if (!k) return band.visible_keys(i, key_position(k_start, c0), n);
+    const index_t* first = k + c0;
+    const index_t begin = std::lower_bound(first, first + n, i - band.max_offset) - first;
+    return {begin, std::max(begin, index_t(std::upper_bound(first + begin, first + n, i - band.min_offset) - first))};
+  }
+};
 
 /// What the kernels iterate over.
 struct batch_layout {
   std::vector<sequence> sequences;
   offset_band band;
   bool explicit_sequences = false;  // from options.sequences: rows outside them may exist
+  std::optional<paged_kv> paged{};  // k and v are pools read through paged->blocks (row n: sequence n)
+  std::vector<sequence_positions> positions;  // one per sequence
+  std::shared_ptr<const std::vector<index_t>> gathered_key_positions{};  // paged + k_positions: each sequence's, in order
+
+  /// Calls visit(element, row, column, count) for each run of keys [c0, c0 + n) of sequence `s`
+  /// that lie in consecutive rows of one batch element (one pool block when paged): columns
+  /// [column, column + count) are rows [row, row + count) of element `element` of k and v.
+  template <class Visit>
+  void key_runs(std::size_t s, index_t c0, index_t n, Visit visit) const {
+    const sequence& seq = sequences[s];
+    if (!paged) {
+      if (n > 0) visit(seq.batch, seq.k_begin + c0, index_t(0), n);
+      return;
+    }
+    const index_t size = paged->block_size;
+    for (index_t column = 0; column < n;) {
+      const index_t logical = seq.k_begin + c0 + column, row = logical % size;
+      const index_t count = std::min(size - row, n - column);
+      visit(paged->blocks(index_t(s), logical / size), row, column, count);
+      column += count;
+    }
+  }
 };
 
-/// The caller's sequences, or one per batch element over all rows at options.q_start / k_start.
+/// The caller's sequences, or one per batch element over all rows at options.q_start / k_start,
+/// with their positions and, for a paged cache, its table.
 template <class S>
 batch_layout make_layout(const attention_options<S>& options, index_t batch, index_t query_length, index_t key_length) {
-  batch_layout layout{{options.sequences.begin(), options.sequences.end()}, options.band(), !options.sequences.empty()};
-  if (!layout.explicit_sequences)
-    for (index_t b = 0; b < batch; ++b)
-      layout.sequences.push_back({b, 0, query_length, 0, key_length, options.q_start, options.k_start});
+  batch_layout layout{resolved_sequences(options, batch, query_length, key_length), options.band(), !options.sequences.empty(),
+                      options.paged, {}, {}};
+  std::vector<index_t> gathered;
+  if (options.paged && !options.k_positions.empty()) {  // each sequence's key positions, in logical order
+    for (std::size_t n = 0; n < layout.sequences.size(); ++n)
+      for (index_t c = 0; c < layout.sequences[n].k_length; ++c)
+        gathered.push_back(options.k_positions[std::size_t(key_slot(options.paged, key_length, n, layout.sequences[n], c))]);
+    layout.gathered_key_positions = std::make_shared<const std::vector<index_t>>(std::move(gathered));
+  }
+  std::size_t next_gathered = 0;
+  for (const sequence& s : layout.sequences) {
+    sequence_positions p{s.q_start, s.k_start};
+    if (!options.q_positions.empty()) p.q = options.q_positions.data() + (s.batch * query_length + s.q_begin);
+    if (layout.gathered_key_positions) {
+      p.k = layout.gathered_key_positions->data() + next_gathered;
+      next_gathered += std::size_t(s.k_length);
+    } else if (!options.k_positions.empty()) {
+      p.k = options.k_positions.data() + (s.batch * key_length + s.k_begin);
+    }
+    layout.positions.push_back(p);
+  }
   return layout;
 }
 
@@ -126,17 +312,38 @@ inline index_range visible_key_columns(const offset_band& band, const sequence& 
   return {band.visible_keys(first, s.k_start, s.k_length).begin, band.visible_keys(first + n - 1, s.k_start, s.k_length).end};
 }
 
+/// Columns of sequence n's keys that some query row in [r0, r0 + n) sees: for consecutive
+/// queries the band's ends grow with the position, so [first row's begin, last row's end);
+/// explicit query positions take the smallest begin and the largest end over the rows.
+inline index_range visible_key_columns(const batch_layout& layout, std::size_t s, index_t r0, index_t rows) {
+  const sequence_positions& p = layout.positions[s];
+  const index_t keys = layout.sequences[s].k_length;
+  if (rows <= 0) return {};
+  if (!p.q) return {p.visible_keys(layout.band, p.query(r0), 0, keys).begin, p.visible_keys(layout.band, p.query(r0 + rows - 1), 0, keys).end};
+  index_range hull{keys, 0};
+  for (index_t r = r0; r < r0 + rows; ++r) {
+    const index_range v = p.visible_keys(layout.band, p.query(r), 0, keys);
+    if (!v.empty()) hull = {std::min(hull.begin, v.begin), std::max(hull.end, v.end)};
+  }
+  return hull.empty() ? index_range{} : hull;
+}
+
 /// The offsets of every visible (query, key) pair of the call, and its first query position:
 /// bias plans and gradient accumulators cover these and no more (a window's table holds about
 /// 2 x window offsets per head, not Lq + Lk). Calls that see nothing get offset 0 alone.
+/// Explicit positions: the smallest and largest query and key position of each sequence bound them.
 inline position_window visited_window(const batch_layout& layout) {
   index_t first_query = std::numeric_limits<index_t>::max(), lo = std::numeric_limits<index_t>::max(), hi = std::numeric_limits<index_t>::min();
-  for (const sequence& s : layout.sequences) {
+  for (std::size_t n = 0; n < layout.sequences.size(); ++n) {
+    const sequence& s = layout.sequences[n];
+    const sequence_positions& p = layout.positions[n];
     if (s.q_length == 0 || s.k_length == 0) continue;
-    const index_t seq_lo = std::max(s.q_start - (s.k_start + s.k_length - 1), layout.band.min_offset);
-    const index_t seq_hi = std::min(s.q_start + s.q_length - 1 - s.k_start, layout.band.max_offset);
+    index_t q_lo = p.query(0), q_hi = p.query(s.q_length - 1);
+    if (p.q) std::tie(q_lo, q_hi) = std::pair(*std::min_element(p.q, p.q + s.q_length), *std::max_element(p.q, p.q + s.q_length));
+    const index_t seq_lo = std::max(q_lo - p.key(s.k_length - 1), layout.band.min_offset);
+    const index_t seq_hi = std::min(q_hi - p.key(0), layout.band.max_offset);
     if (seq_lo > seq_hi) continue;  // no key visible to any query
-    first_query = std::min(first_query, s.q_start);
+    first_query = std::min(first_query, q_lo);
     lo = std::min(lo, seq_lo);
     hi = std::max(hi, seq_hi);
   }
@@ -183,7 +390,7 @@ std::vector<query_tile> query_tiles(const batch_layout& layout, TileRows tile_ro
     const index_t tile_rows = tile_rows_of(s);
     for (index_t r0 = 0; r0 < s.q_length; r0 += tile_rows) {
       const index_t rows = std::min(tile_rows, s.q_length - r0);
-      tiles.push_back({n, r0, rows, visible_key_columns(layout.band, s, r0, rows)});
+      tiles.push_back({n, r0, rows, visible_key_columns(layout, n, r0, rows)});
     }
   }
   std::stable_sort(tiles.begin(), tiles.end(), [](const query_tile& a, const query_tile& b) { return a.keys.size() > b.keys.size(); });

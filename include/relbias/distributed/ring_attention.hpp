@@ -131,6 +131,7 @@ void check_ring_call(const char* where, const tensor_view<const S>& q, const rin
   if (!options.attention.sequences.empty())
     fail(where, "options.attention.sequences is not supported by ring attention (each batch element is one sequence of "
                 "options.layout.length() rows), got " + std::to_string(options.attention.sequences.size()) + " sequences");
+  relbias::detail::check_contiguous_keys(where, options.attention);
   relbias::detail::check_positions(where, options.attention, layout.length(), layout.length());
   if (q.seq != layout.shard_length(rank))
     fail(where, "q.seq (" + std::to_string(q.seq) + ") must be the " + std::to_string(layout.shard_length(rank)) +
