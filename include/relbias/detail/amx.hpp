@@ -1,6 +1,7 @@
 #pragma once
-// Intel AMX (Advanced Matrix Extensions) for the bf16 forward (amx_forward.hpp): the only file
-// with AMX intrinsics, and with the AVX-512 intrinsics of that path's softmax.
+// Intel AMX (Advanced Matrix Extensions) for the bf16 forward and backward (amx_forward.hpp,
+// amx_backward.hpp): the only file with AMX intrinsics, and with the AVX-512 intrinsics of those
+// paths' row passes (softmax, its backward, the bf16 roundings).
 //
 // Every function that uses them is compiled for those instructions by a target attribute, not
 // by the build's flags: a build without -mamx-tile (or -march=native on an older machine) still
@@ -114,7 +115,7 @@ inline std::atomic<bool>& disabled_flag() noexcept {
 /// benchmarks that compare both paths. Starts as RELBIAS_NO_AMX says.
 inline void set_disabled(bool disabled) noexcept { disabled_flag().store(disabled); }
 
-/// The bf16 forward runs on AMX: compiled in, detected, not disabled.
+/// The bf16 forward and backward run on AMX: compiled in, detected, not disabled.
 inline bool usable() noexcept { return compiled && !disabled_flag().load() && detected(); }
 
 }  // namespace relbias::detail::amx
@@ -302,6 +303,57 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline float exp
   return _mm512_reduce_add_ps(sum);
 }
 
+/// x[c] = exp(x[c] - shift) for c < n, in place (exp16: within 3e-7 of exp, 0 at -inf): the
+/// backward's P rebuilt from the forward's lse.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void exp_shifted(float* x, std::ptrdiff_t n, float shift) noexcept {
+  const __m512 sh = _mm512_set1_ps(shift);
+  std::ptrdiff_t c = 0;
+  for (; c + 16 <= n; c += 16) _mm512_storeu_ps(x + c, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + c), sh)));
+  if (c < n) {
+    const __mmask16 lanes = first_lanes(n - c);
+    _mm512_mask_storeu_ps(x + c, lanes, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + c), sh)));
+  }
+}
+
+/// dp[c] = p[c] (dp[c] - delta) for c < n, in place: the softmax backward, dS = P o (dP - D).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void score_gradient(const float* p, float* dp, std::ptrdiff_t n,
+                                                                                 float delta) noexcept {
+  const __m512 d = _mm512_set1_ps(delta);
+  std::ptrdiff_t c = 0;
+  for (; c + 16 <= n; c += 16)
+    _mm512_storeu_ps(dp + c, _mm512_mul_ps(_mm512_loadu_ps(p + c), _mm512_sub_ps(_mm512_loadu_ps(dp + c), d)));
+  if (c < n) {
+    const __mmask16 lanes = first_lanes(n - c);
+    const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, p + c), _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, dp + c), d));
+    _mm512_mask_storeu_ps(dp + c, lanes, y);
+  }
+}
+
+/// out[c] = bf16(x[c]), nearest even, for c < n (a multiple of 16): an A operand row.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void to_bf16(const float* x, std::ptrdiff_t n,
+                                                                                   std::uint16_t* out) noexcept {
+  for (std::ptrdiff_t c = 0; c < n; c += 16) {
+    const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + c));
+    std::memcpy(out + c, &rounded, sizeof(rounded));
+  }
+}
+
+/// out[2c] = bf16(even[c]), out[2c + 1] = bf16(odd[c]) for c < n (a multiple of 16), nearest
+/// even: two rows of a matrix as one pair row of a B operand whose depth runs down the rows (the
+/// VNNI layout of the file's header), as the backward's P and dS for dV and dK.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void to_bf16_pairs(const float* even, const float* odd,
+                                                                                         std::ptrdiff_t n, std::uint16_t* out) noexcept {
+  alignas(64) static constexpr std::uint16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                          8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(order);
+  for (std::ptrdiff_t c = 0; c < n; c += 16) {
+    const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(odd + c), _mm512_loadu_ps(even + c));  // even in lanes 0-15
+    __m512i bits;
+    std::memcpy(&bits, &both, sizeof(bits));
+    _mm512_storeu_si512(out + 2 * c, _mm512_permutexvar_epi16(interleave, bits));
+  }
+}
+
 /// The tile units' peak, for the benchmarks (bench/peak.hpp): `rounds` rounds of 4 independent
 /// tdpbf16ps on tiles loaded once (16 x 16 x 32 multiply-adds each, no memory traffic); returns
 /// the FLOPs done. Needs configure() on this thread first.
@@ -342,6 +394,10 @@ inline void values(const std::uint16_t*, std::ptrdiff_t, const std::uint16_t*, s
 inline float scale_bias_max(float*, std::ptrdiff_t, float, const float*) noexcept { return 0.0f; }
 inline float exp_to_bf16(const float*, std::ptrdiff_t, float, std::uint16_t*) noexcept { return 0.0f; }
 inline double tile_product_rounds(long) noexcept { return 0.0; }
+inline void exp_shifted(float*, std::ptrdiff_t, float) noexcept {}
+inline void score_gradient(const float*, float*, std::ptrdiff_t, float) noexcept {}
+inline void to_bf16(const float*, std::ptrdiff_t, std::uint16_t*) noexcept {}
+inline void to_bf16_pairs(const float*, const float*, std::ptrdiff_t, std::uint16_t*) noexcept {}
 
 }  // namespace relbias::detail::amx
 
