@@ -81,6 +81,15 @@ float as_float(T x) noexcept {
   return static_cast<float>(x);
 }
 
+/// out (cols, rows) = the transpose of in (rows, cols), both row-major, rows a multiple of 16: in
+/// blocks of 16 rows, so that each output row gets 32 contiguous bytes per block and the block's
+/// input stays in L1 (element by element, the scattered stores cost a tenth of the backward).
+inline void transpose_rows(const std::uint16_t* in, index_t rows, index_t cols, std::uint16_t* out) {
+  for (index_t r0 = 0; r0 < rows; r0 += 16)
+    for (index_t c = 0; c < cols; ++c)
+      for (index_t r = r0; r < r0 + 16; ++r) out[c * rows + r] = in[r * cols + c];
+}
+
 /// Packs the item's K and V (zeros past k_length) and its heads' Q, dO (rows and transposed;
 /// zeros past q_length and D, Dv), and each row's D; clears the dQ sums.
 template <class Q, class O, class DO>
@@ -98,8 +107,8 @@ void pack_backward_item(const bf16_backward_problem<Q, O, DO>& pb, const sequenc
   }
   s.q.assign(std::size_t(group * z.q_pad * z.dim_pad), 0);
   s.d_out.assign(std::size_t(group * z.q_pad * z.dim_v_pad), 0);
-  s.q_t.assign(std::size_t(group * z.dim_pad * z.q_pad), 0);
-  s.d_out_t.assign(std::size_t(group * z.dim_v_pad * z.q_pad), 0);
+  s.q_t.resize(std::size_t(group * z.dim_pad * z.q_pad));  // written whole by transpose_rows
+  s.d_out_t.resize(std::size_t(group * z.dim_v_pad * z.q_pad));
   s.dq.assign(std::size_t(group * z.q_pad * z.dim_q16), 0.0f);
   s.delta.assign(std::size_t(group * seq.q_length), 0.0f);
   for (index_t g = 0; g < group; ++g) {
@@ -112,14 +121,16 @@ void pack_backward_item(const bf16_backward_problem<Q, O, DO>& pb, const sequenc
       const Q* q_row = pb.q.row(b, seq.q_begin + r, h);
       const O* o_row = pb.o.row(b, seq.q_begin + r, h);
       const DO* d_out_row = pb.d_out.row(b, seq.q_begin + r, h);
-      for (index_t d = 0; d < dim; ++d) q[r * z.dim_pad + d] = q_t[d * z.q_pad + r] = bf16_bits(q_row[d]);
+      for (index_t d = 0; d < dim; ++d) q[r * z.dim_pad + d] = bf16_bits(q_row[d]);
       float delta = 0;
       for (index_t d = 0; d < dim_v; ++d) {
-        d_out[r * z.dim_v_pad + d] = d_out_t[d * z.q_pad + r] = bf16_bits(d_out_row[d]);
+        d_out[r * z.dim_v_pad + d] = bf16_bits(d_out_row[d]);
         delta += as_float(o_row[d]) * as_float(d_out_row[d]);
       }
       s.delta[std::size_t(g * seq.q_length + r)] = delta;
     }
+    transpose_rows(q, z.q_pad, z.dim_pad, q_t);
+    transpose_rows(d_out, z.q_pad, z.dim_v_pad, d_out_t);
   }
 }
 
