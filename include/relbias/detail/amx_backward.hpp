@@ -17,7 +17,7 @@
 // A work item is one (sequence, key/value head) with every query head of its group, as the
 // float backward's: it packs its K and V (three tile layouts) and its heads' Q, dO, Q^T and dO^T
 // once, then walks key tiles of 128 keys (outer, FA2: the float dK^T and dV^T of a tile stay in
-// L2) and, per head, blocks of 64 query rows that see one of the tile's keys. dQ is summed in a
+// L2) and, per head, blocks of 128 query rows that see one of the tile's keys. dQ is summed in a
 // float buffer of the item's rows. Items never split (unlike the float backward's slices), and
 // each has its own bias-gradient partial, added into bias_grad in item order after all items
 // ran: the same inputs and CPU give the same bits for any thread count. A call with fewer items
@@ -38,7 +38,7 @@
 namespace relbias::detail {
 
 inline constexpr index_t bf16_backward_keys = 128;  // keys per key tile: dK^T and dV^T (D x 128 floats each) stay in L2
-inline constexpr index_t bf16_backward_rows = 64;   // query rows per block: two 32-row strips, the depth of dK^T and dV^T
+inline constexpr index_t bf16_backward_rows = 128;  // query rows per block: four 32-row strips, the depth of dK^T and dV^T (1.1x 64)
 
 /// Everything one bf16 backward call shares across work items. Q, O and DO: float or bfloat16.
 template <class Q, class O, class DO>
@@ -70,9 +70,9 @@ struct bf16_backward_scratch {
   line_vector<std::uint16_t> q_t, d_out_t;  // per head: (dim_pad, q_pad), (dim_v_pad, q_pad): the A operands of dK^T, dV^T
   line_vector<float> dq;                 // per head: (q_pad, dim_q16), the sum of dS K
   line_vector<float> dk_t, dv_t;         // (dim_pad, 128), (dim_v_pad, 128): one key tile's sums
-  line_vector<float> scores, d_scores;   // (64, 128): S then P; dP then dS
-  line_vector<std::uint16_t> ds;         // (64, 128): bf16 dS, row-major (the A operand of dQ)
-  line_vector<std::uint16_t> p_pairs, ds_pairs;  // (32, 2 * 128): bf16 P and dS, rows paired (B operands)
+  line_vector<float> scores, d_scores;   // (128, 128): S then P; dP then dS
+  line_vector<std::uint16_t> ds;         // (128, 128): bf16 dS, row-major (the A operand of dQ)
+  line_vector<std::uint16_t> p_pairs, ds_pairs;  // (64, 2 * 128): bf16 P and dS, rows paired (B operands)
   std::vector<float> delta;              // per head: (q_length) rows' D = rowsum(dO o O)
 };
 
