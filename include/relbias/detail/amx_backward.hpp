@@ -60,6 +60,7 @@ struct bf16_backward_problem {
 /// Q K^T or dO V^T step, and the rows of dK^T and dV^T), D also to 16 (dQ's column tiles).
 struct bf16_backward_sizes {
   index_t q_pad, k_pad, dim_pad, dim_v_pad, dim_q16;
+  index_t t_stride;  // q_pad + 32: the rows of Q^T and dO^T, not a multiple of 4 KiB apart (L1 set conflicts)
 };
 
 struct bf16_backward_scratch {
@@ -67,7 +68,7 @@ struct bf16_backward_scratch {
   line_vector<std::uint16_t> values;     // V for dP = dO V^T, the same layout over Dv
   line_vector<std::uint16_t> key_rows;   // K for dQ = dS K: 32-key chunks of 16 pair rows (pack_values)
   line_vector<std::uint16_t> q, d_out;   // per head of the group: (q_pad, dim_pad), (q_pad, dim_v_pad)
-  line_vector<std::uint16_t> q_t, d_out_t;  // per head: (dim_pad, q_pad), (dim_v_pad, q_pad): the A operands of dK^T, dV^T
+  line_vector<std::uint16_t> q_t, d_out_t;  // per head: (dim_pad, t_stride), (dim_v_pad, t_stride): the A operands of dK^T, dV^T
   line_vector<float> dq;                 // per head: (q_pad, dim_q16), the sum of dS K
   line_vector<float> dk_t, dv_t;         // (dim_pad, 128), (dim_v_pad, 128): one key tile's sums
   line_vector<float> scores, d_scores;   // (128, 128): S then P; dP then dS
@@ -81,13 +82,14 @@ float as_float(T x) noexcept {
   return static_cast<float>(x);
 }
 
-/// out (cols, rows) = the transpose of in (rows, cols), both row-major, rows a multiple of 16: in
-/// blocks of 16 rows, so that each output row gets 32 contiguous bytes per block and the block's
-/// input stays in L1 (element by element, the scattered stores cost a tenth of the backward).
-inline void transpose_rows(const std::uint16_t* in, index_t rows, index_t cols, std::uint16_t* out) {
+/// out (cols, rows; rows out_stride apart) = the transpose of in (rows, cols), row-major, rows a
+/// multiple of 16: in blocks of 16 rows, so that each output row gets 32 contiguous bytes per
+/// block and the block's input stays in L1 (element by element, the scattered stores cost a tenth
+/// of the backward).
+inline void transpose_rows(const std::uint16_t* in, index_t rows, index_t cols, std::uint16_t* out, index_t out_stride) {
   for (index_t r0 = 0; r0 < rows; r0 += 16)
     for (index_t c = 0; c < cols; ++c)
-      for (index_t r = r0; r < r0 + 16; ++r) out[c * rows + r] = in[r * cols + c];
+      for (index_t r = r0; r < r0 + 16; ++r) out[c * out_stride + r] = in[r * cols + c];
 }
 
 /// Packs the item's K and V (zeros past k_length) and its heads' Q, dO (rows and transposed;
@@ -107,16 +109,16 @@ void pack_backward_item(const bf16_backward_problem<Q, O, DO>& pb, const sequenc
   }
   s.q.assign(std::size_t(group * z.q_pad * z.dim_pad), 0);
   s.d_out.assign(std::size_t(group * z.q_pad * z.dim_v_pad), 0);
-  s.q_t.resize(std::size_t(group * z.dim_pad * z.q_pad));  // written whole by transpose_rows
-  s.d_out_t.resize(std::size_t(group * z.dim_v_pad * z.q_pad));
+  s.q_t.resize(std::size_t(group * z.dim_pad * z.t_stride));  // columns < q_pad written by transpose_rows, no more read
+  s.d_out_t.resize(std::size_t(group * z.dim_v_pad * z.t_stride));
   s.dq.assign(std::size_t(group * z.q_pad * z.dim_q16), 0.0f);
   s.delta.assign(std::size_t(group * seq.q_length), 0.0f);
   for (index_t g = 0; g < group; ++g) {
     const index_t h = kv_head * group + g;
     std::uint16_t* q = s.q.data() + g * z.q_pad * z.dim_pad;
     std::uint16_t* d_out = s.d_out.data() + g * z.q_pad * z.dim_v_pad;
-    std::uint16_t* q_t = s.q_t.data() + g * z.dim_pad * z.q_pad;
-    std::uint16_t* d_out_t = s.d_out_t.data() + g * z.dim_v_pad * z.q_pad;
+    std::uint16_t* q_t = s.q_t.data() + g * z.dim_pad * z.t_stride;
+    std::uint16_t* d_out_t = s.d_out_t.data() + g * z.dim_v_pad * z.t_stride;
     for (index_t r = 0; r < seq.q_length; ++r) {
       const Q* q_row = pb.q.row(b, seq.q_begin + r, h);
       const O* o_row = pb.o.row(b, seq.q_begin + r, h);
@@ -129,8 +131,8 @@ void pack_backward_item(const bf16_backward_problem<Q, O, DO>& pb, const sequenc
       }
       s.delta[std::size_t(g * seq.q_length + r)] = delta;
     }
-    transpose_rows(q, z.q_pad, z.dim_pad, q_t);
-    transpose_rows(d_out, z.q_pad, z.dim_v_pad, d_out_t);
+    transpose_rows(q, z.q_pad, z.dim_pad, q_t, z.t_stride);
+    transpose_rows(d_out, z.q_pad, z.dim_v_pad, d_out_t, z.t_stride);
   }
 }
 
@@ -201,12 +203,12 @@ void bf16_backward_block(const bf16_backward_problem<Q, O, DO>& pb, const Plan& 
     }
   }
   const index_t tiles = bc_pad / 16;
-  const std::uint16_t* q_t = s.q_t.data() + g * z.dim_pad * z.q_pad + r0;
-  const std::uint16_t* d_out_t = s.d_out_t.data() + g * z.dim_v_pad * z.q_pad + r0;
+  const std::uint16_t* q_t = s.q_t.data() + g * z.dim_pad * z.t_stride + r0;
+  const std::uint16_t* d_out_t = s.d_out_t.data() + g * z.dim_v_pad * z.t_stride + r0;
   for (index_t d = 0; d < z.dim_v_pad; d += 32)  // dV^T += dO^T P
-    amx::values(d_out_t + d * z.q_pad, z.q_pad, s.p_pairs.data(), tiles, 0, tiles, strips, 2, s.dv_t.data() + d * ld, ld);
+    amx::values(d_out_t + d * z.t_stride, z.t_stride, s.p_pairs.data(), tiles, 0, tiles, strips, 2, s.dv_t.data() + d * ld, ld);
   for (index_t d = 0; d < z.dim_pad; d += 32)  // dK^T += Q^T dS
-    amx::values(q_t + d * z.q_pad, z.q_pad, s.ds_pairs.data(), tiles, 0, tiles, strips, 2, s.dk_t.data() + d * ld, ld);
+    amx::values(q_t + d * z.t_stride, z.t_stride, s.ds_pairs.data(), tiles, 0, tiles, strips, 2, s.dk_t.data() + d * ld, ld);
   float* dq = s.dq.data() + (g * z.q_pad + r0) * z.dim_q16;
   for (index_t t = 0; t < strips; ++t)  // dQ += dS K
     amx::values(s.ds.data() + 32 * t * ld, ld, s.key_rows.data() + c0 * z.dim_q16, z.dim_q16 / 16, 0, z.dim_q16 / 16, chunks, 2,
@@ -219,7 +221,7 @@ void bf16_backward_item(const bf16_backward_problem<Q, O, DO>& pb, const Plan& p
                         index_t kv_head, bf16_backward_scratch& s) {
   const index_t b = seq.batch, dim = pb.q.dim, dim_v = pb.v.dim;
   const bf16_backward_sizes z{round_up(seq.q_length, 32), round_up(seq.k_length, 32), round_up(dim, 32), round_up(dim_v, 32),
-                              round_up(dim, 16)};
+                              round_up(dim, 16), round_up(seq.q_length, 32) + 32};
   for (index_t r = 0; r < seq.k_length; ++r) {  // keys no query sees keep dK = dV = 0
     std::fill(pb.dk.row(b, seq.k_begin + r, kv_head), pb.dk.row(b, seq.k_begin + r, kv_head) + dim, 0.0f);
     std::fill(pb.dv.row(b, seq.k_begin + r, kv_head), pb.dv.row(b, seq.k_begin + r, kv_head) + dim_v, 0.0f);
