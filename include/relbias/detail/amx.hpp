@@ -303,46 +303,30 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline float exp
   return _mm512_reduce_add_ps(sum);
 }
 
-/// x[c] = exp(x[c] - shift) for c < n, in place (exp16: within 3e-7 of exp, 0 at -inf): the
-/// backward's P rebuilt from the forward's lse.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void exp_shifted(float* x, std::ptrdiff_t n, float shift) noexcept {
-  const __m512 sh = _mm512_set1_ps(shift);
-  std::ptrdiff_t c = 0;
-  for (; c + 16 <= n; c += 16) _mm512_storeu_ps(x + c, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + c), sh)));
-  if (c < n) {
-    const __mmask16 lanes = first_lanes(n - c);
-    _mm512_mask_storeu_ps(x + c, lanes, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + c), sh)));
-  }
-}
-
-/// dp[c] = p[c] (dp[c] - delta) for c < n, in place: the softmax backward, dS = P o (dP - D).
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void score_gradient(const float* p, float* dp, std::ptrdiff_t n,
-                                                                                 float delta) noexcept {
-  const __m512 d = _mm512_set1_ps(delta);
-  std::ptrdiff_t c = 0;
-  for (; c + 16 <= n; c += 16)
-    _mm512_storeu_ps(dp + c, _mm512_mul_ps(_mm512_loadu_ps(p + c), _mm512_sub_ps(_mm512_loadu_ps(dp + c), d)));
-  if (c < n) {
-    const __mmask16 lanes = first_lanes(n - c);
-    const __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, p + c), _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, dp + c), d));
-    _mm512_mask_storeu_ps(dp + c, lanes, y);
-  }
-}
-
-/// out[c] = bf16(x[c]), nearest even, for c < n (a multiple of 16): an A operand row.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void to_bf16(const float* x, std::ptrdiff_t n,
-                                                                                   std::uint16_t* out) noexcept {
+/// The backward's row pass over n visible columns, in place: x[c] = P = exp(x[c] scale + bias[c]
+/// - lse) (bias null: 0; exp16: within 3e-7 of exp, 0 at -inf), dp[c] = dS = P (dp[c] - delta).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void probabilities_and_gradient(float* x, float* dp, std::ptrdiff_t n, float scale,
+                                                                                             const float* bias, float lse,
+                                                                                             float delta) noexcept {
+  const __m512 s = _mm512_set1_ps(scale), l = _mm512_set1_ps(lse), d = _mm512_set1_ps(delta);
   for (std::ptrdiff_t c = 0; c < n; c += 16) {
-    const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_loadu_ps(x + c));
-    std::memcpy(out + c, &rounded, sizeof(rounded));
+    const __mmask16 lanes = n - c >= 16 ? __mmask16(0xffff) : first_lanes(n - c);
+    const __m512 raw = _mm512_maskz_loadu_ps(lanes, x + c);
+    const __m512 y = bias ? _mm512_fmadd_ps(raw, s, _mm512_maskz_loadu_ps(lanes, bias + c)) : _mm512_mul_ps(raw, s);
+    const __m512 p = exp16(_mm512_sub_ps(y, l));
+    _mm512_mask_storeu_ps(x + c, lanes, p);
+    _mm512_mask_storeu_ps(dp + c, lanes, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, dp + c), d)));
   }
 }
 
 /// out[2c] = bf16(even[c]), out[2c + 1] = bf16(odd[c]) for c < n (a multiple of 16), nearest
 /// even: two rows of a matrix as one pair row of a B operand whose depth runs down the rows (the
-/// VNNI layout of the file's header), as the backward's P and dS for dV and dK.
+/// VNNI layout of the file's header), as the backward's P and dS for dV and dK. even_out and
+/// odd_out (or null) get the two rows as they are, in bf16 (dS as the A operand of dQ).
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void to_bf16_pairs(const float* even, const float* odd,
-                                                                                         std::ptrdiff_t n, std::uint16_t* out) noexcept {
+                                                                                         std::ptrdiff_t n, std::uint16_t* out,
+                                                                                         std::uint16_t* even_out = nullptr,
+                                                                                         std::uint16_t* odd_out = nullptr) noexcept {
   alignas(64) static constexpr std::uint16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
                                                           8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i interleave = _mm512_load_si512(order);
@@ -351,6 +335,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void to_b
     __m512i bits;
     std::memcpy(&bits, &both, sizeof(bits));
     _mm512_storeu_si512(out + 2 * c, _mm512_permutexvar_epi16(interleave, bits));
+    if (even_out) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(even_out + c), _mm512_castsi512_si256(bits));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(odd_out + c), _mm512_extracti64x4_epi64(bits, 1));
+    }
   }
 }
 
@@ -394,10 +382,9 @@ inline void values(const std::uint16_t*, std::ptrdiff_t, const std::uint16_t*, s
 inline float scale_bias_max(float*, std::ptrdiff_t, float, const float*) noexcept { return 0.0f; }
 inline float exp_to_bf16(const float*, std::ptrdiff_t, float, std::uint16_t*) noexcept { return 0.0f; }
 inline double tile_product_rounds(long) noexcept { return 0.0; }
-inline void exp_shifted(float*, std::ptrdiff_t, float) noexcept {}
-inline void score_gradient(const float*, float*, std::ptrdiff_t, float) noexcept {}
-inline void to_bf16(const float*, std::ptrdiff_t, std::uint16_t*) noexcept {}
-inline void to_bf16_pairs(const float*, const float*, std::ptrdiff_t, std::uint16_t*) noexcept {}
+inline void probabilities_and_gradient(float*, float*, std::ptrdiff_t, float, const float*, float, float) noexcept {}
+inline void to_bf16_pairs(const float*, const float*, std::ptrdiff_t, std::uint16_t*, std::uint16_t* = nullptr,
+                          std::uint16_t* = nullptr) noexcept {}
 
 }  // namespace relbias::detail::amx
 

@@ -161,15 +161,14 @@ void bf16_backward_row(const bf16_backward_problem<Q, O, DO>& pb, const Plan& pl
   const index_t i = query_position(seq.q_start, row), n = visible.size();
   float* x = p + visible.begin;
   if constexpr (std::same_as<Plan, empty_plan<float>>) {
-    amx::scale_bias_max(x, n, pb.scale, nullptr);
+    amx::probabilities_and_gradient(x, ds + visible.begin, n, pb.scale, nullptr, lse, delta);
   } else if (const float* bias = plan_row<float>(plan, h, i, j0 + visible.begin)) {
-    amx::scale_bias_max(x, n, pb.scale, bias);
+    amx::probabilities_and_gradient(x, ds + visible.begin, n, pb.scale, bias, lse, delta);
   } else {  // FIRE's plan, a policy's own: it adds to scaled scores
     amx::scale_bias_max(x, n, pb.scale, nullptr);
     plan.add_row(h, i, j0 + visible.begin, n, x);
+    amx::probabilities_and_gradient(x, ds + visible.begin, n, 1.0f, nullptr, lse, delta);
   }
-  amx::exp_shifted(x, n, lse);
-  amx::score_gradient(x, ds + visible.begin, n, delta);
   if (bias_grad) bias_grad->add_row(h, i, j0 + visible.begin, n, ds + visible.begin);
 }
 
@@ -196,10 +195,9 @@ void bf16_backward_block(const bf16_backward_problem<Q, O, DO>& pb, const Plan& 
     float* p = s.scores.data() + r * ld;
     float* ds = s.d_scores.data() + r * ld;
     bf16_backward_row(pb, plan, bias_grad, seq, h, row, delta, j0, bc, bc_pad, p, ds);
-    amx::to_bf16(ds, bc_pad, s.ds.data() + r * ld);
-    if (r % 2) {  // rows r - 1 and r become pair row (r - 1) / 2
+    if (r % 2) {  // rows r - 1 and r become pair row (r - 1) / 2; dS also as rows
       amx::to_bf16_pairs(p - ld, p, bc_pad, s.p_pairs.data() + (r / 2) * 2 * bc_pad);
-      amx::to_bf16_pairs(ds - ld, ds, bc_pad, s.ds_pairs.data() + (r / 2) * 2 * bc_pad);
+      amx::to_bf16_pairs(ds - ld, ds, bc_pad, s.ds_pairs.data() + (r / 2) * 2 * bc_pad, s.ds.data() + (r - 1) * ld, s.ds.data() + r * ld);
     }
   }
   const index_t tiles = bc_pad / 16;
