@@ -301,6 +301,15 @@ TEST_CASE("amx backward: the same bits for any thread count; rows that see no ke
   const gradients one = pr.run(c, bias, options);
   options.num_threads = 3;
   CHECK(same_bits(one, pr.run(c, bias, options)));
+  // 18 items: two waves of bias-gradient partials (bf16_backward_wave = 16)
+  const shape many{9, 20, 24, 4, 2, 32, 32};
+  attention_options<float> shifted{.mask = masking::causal, .q_start = 10, .num_threads = 1, .compute = compute_precision::bf16};
+  const problem wide(many, bias, shifted, 102);
+  const gradients single = wide.run(many, bias, shifted);
+  CHECK(single.bias_grad != std::vector<float>(single.bias_grad.size(), 0.0f));
+  shifted.num_threads = 3;
+  CHECK(same_bits(single, wide.run(many, bias, shifted)));
+  CHECK(bf16_backward_error(bias, many, {.mask = masking::causal, .q_start = 10}).worst_ratio <= 1.0);
   // Query positions 0..29 see no key (keys start at 30): their dq rows are 0.
   CHECK(one.dq(0, 5, 3, 7) == 0.0f);
   CHECK(one.dq(1, 29, 0, 0) == 0.0f);

@@ -19,8 +19,9 @@
 // once, then walks key tiles of 128 keys (outer, FA2: the float dK^T and dV^T of a tile stay in
 // L2) and, per head, blocks of 128 query rows that see one of the tile's keys. dQ is summed in a
 // float buffer of the item's rows. Items never split (unlike the float backward's slices), and
-// each has its own bias-gradient partial, added into bias_grad in item order after all items
-// ran: the same inputs and CPU give the same bits for any thread count. A call with fewer items
+// each has its own bias-gradient partial, added into bias_grad in item order after its wave of
+// 16 items ran (waves bound the partials held at once): the same inputs and CPU give the same
+// bits for any thread count. A call with fewer items
 // than threads (one sequence and one key/value head) runs on fewer threads.
 
 #include "relbias/attention_backward.hpp"
@@ -38,6 +39,7 @@
 namespace relbias::detail {
 
 inline constexpr index_t bf16_backward_keys = 128;  // keys per key tile: dK^T and dV^T (D x 128 floats each) stay in L2
+inline constexpr index_t bf16_backward_wave = 16;   // items per wave: bias-gradient partials alive at once
 inline constexpr index_t bf16_backward_rows = 128;  // query rows per block: four 32-row strips, the depth of dK^T and dV^T (1.1x 64)
 
 /// Everything one bf16 backward call shares across work items. Q, O and DO: float or bfloat16.
@@ -254,7 +256,7 @@ void bf16_backward_item(const bf16_backward_problem<Q, O, DO>& pb, const Plan& p
 
 /// The bf16 backward of a checked call: rows outside every sequence cleared, then every
 /// (sequence, key/value head) item, each with its own bias-gradient partial, added into
-/// bias_grad in item order.
+/// bias_grad in item order after its wave.
 template <class Q, class O, class DO, class Plan, class MakeAccumulator>
 void bf16_fused_backward(const bf16_backward_problem<Q, O, DO>& pb, const Plan& plan, MakeAccumulator make_accumulator,
                          std::span<float> bias_grad, int threads) {
@@ -265,7 +267,7 @@ void bf16_fused_backward(const bf16_backward_problem<Q, O, DO>& pb, const Plan& 
   });
   const index_t heads = pb.k.heads, items = index_t(pb.layout.sequences.size()) * heads;
   using accumulator = decltype(make_accumulator());
-  std::vector<std::optional<accumulator>> partials(static_cast<std::size_t>(items));
+  std::vector<std::optional<accumulator>> partials(static_cast<std::size_t>(bf16_backward_wave));
   const index_t dim_pad = round_up(pb.q.dim, 32), dim_v_pad = round_up(pb.v.dim, 32);
   auto make_scratch = [&] {
     bf16_backward_scratch s;
@@ -279,13 +281,22 @@ void bf16_fused_backward(const bf16_backward_problem<Q, O, DO>& pb, const Plan& 
     s.ds_pairs.resize(block);
     return s;
   };
-  parallel_items(items, threads, make_scratch, [&](index_t item, bf16_backward_scratch& s) {
-    auto& partial = partials[std::size_t(item)];
-    if (!bias_grad.empty()) partial.emplace(make_accumulator());
-    bf16_backward_item(pb, plan, partial ? &*partial : nullptr, pb.layout.sequences[std::size_t(item / heads)], item % heads, s);
-  });
-  for (auto& partial : partials)
-    if (partial) partial->finish(bias_grad);
+  // Waves of a fixed number of items (not of threads: the bits must not depend on them) bound
+  // the partials alive at once (a T5 partial holds every head's offsets).
+  for (index_t first = 0; first < items; first += bf16_backward_wave) {
+    const index_t count = std::min(bf16_backward_wave, items - first);
+    parallel_items(count, threads, make_scratch, [&](index_t n, bf16_backward_scratch& s) {
+      const index_t item = first + n;
+      auto& partial = partials[std::size_t(n)];
+      if (!bias_grad.empty()) partial.emplace(make_accumulator());
+      bf16_backward_item(pb, plan, partial ? &*partial : nullptr, pb.layout.sequences[std::size_t(item / heads)], item % heads, s);
+    });
+    for (auto& partial : partials)
+      if (partial) {
+        partial->finish(bias_grad);
+        partial.reset();
+      }
+  }
 }
 
 /// Builds the bias plan and the gradient accumulators for the policy, then runs the pass.
