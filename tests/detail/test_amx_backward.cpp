@@ -270,7 +270,7 @@ TEST_CASE("amx backward: learned policies with their gradients, windows, packed 
   const kerple_power<float> power{4, 5};
   const kerple_log<float> log_bias{4, 6};
   const fire<float> fire_bias{4, 7};
-  const shape gqa{2, 100, 140, 4, 2, 32, 32};  // two query blocks, two key tiles (the second partial)
+  const shape gqa{1, 100, 140, 4, 2, 32, 32};  // two query blocks, two key tiles (the second partial)
   for (const masking mask : {masking::bidirectional, masking::causal}) {
     INFO("causal = " << (mask == masking::causal));
     const attention_options<float> options{.mask = mask, .q_start = 20};
