@@ -79,7 +79,8 @@ void run_backward(benchmark::State& state, bool amx) {
   const Bias bias = make_bias<Bias>(masking::bidirectional);
   attention_options<float> options{.num_threads = threads};
   if (amx) options.compute = compute_precision::bf16;
-  const auto forward = amx ? attention(q.view(), k.view(), v.view(), bias, options) : attention(qf.view(), kf.view(), vf.view(), bias, options);
+  const auto forward =
+      amx ? attention(q.view(), k.view(), v.view(), bias, options) : attention(qf.view(), kf.view(), vf.view(), bias, options);
   tensor<float> dq(1, length, heads, dim), dk(1, length, heads, dim), dv(1, length, heads, dim);
   std::vector<float> bias_grad;
   if constexpr (learned_bias<Bias>) bias_grad.resize(std::size_t(bias.parameters().size()));

@@ -309,8 +309,9 @@ void attention_backward(tensor_view<Q> q, tensor_view<K> k, tensor_view<V> v, te
 
   if constexpr (std::same_as<storage, Eigen::bfloat16>) {
     if (options.compute == compute_precision::bf16 && detail::amx::usable()) {
-      const detail::bf16_backward_problem<query, output, output_gradient> pb{qc, kc, vc, oc, d_outc, lse, dq, dk, dv, options.scale_for(q.dim),
-                                                            q.heads / k.heads, detail::make_layout(options, q.batch, q.seq, k.seq)};
+      const detail::bf16_backward_problem<query, output, output_gradient> pb{
+          qc, kc, vc, oc, d_outc, lse, dq, dk, dv, options.scale_for(q.dim), q.heads / k.heads,
+          detail::make_layout(options, q.batch, q.seq, k.seq)};
       detail::run_bf16_backward(pb, bias, bias_grad, detail::thread_count(options.num_threads));
       return;
     }

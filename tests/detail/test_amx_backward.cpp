@@ -112,7 +112,8 @@ struct magnitudes {
 
 template <class Bias>
 magnitudes bound_magnitudes(const problem& pr, const shape& c, const Bias& bias, const attention_options<float>& options) {
-  magnitudes m{tensor<float>(c.batch, c.lq, c.hq, c.dim), tensor<float>(c.batch, c.lk, c.hk, c.dim), tensor<float>(c.batch, c.lk, c.hk, c.dim_v)};
+  magnitudes m{tensor<float>(c.batch, c.lq, c.hq, c.dim), tensor<float>(c.batch, c.lk, c.hk, c.dim),
+               tensor<float>(c.batch, c.lk, c.hk, c.dim_v)};
   for (tensor<float>* t : {&m.dq, &m.dk, &m.dv}) std::fill(t->data(), t->data() + t->size(), 0.0f);
   const detail::batch_layout layout = detail::make_layout(options, c.batch, c.lq, c.lk);
   const double scale = options.scale_for(c.dim);

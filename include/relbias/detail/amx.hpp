@@ -305,8 +305,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline float exp
 
 /// The backward's row pass over n visible columns, in place: x[c] = P = exp(x[c] scale + bias[c]
 /// - lse) (bias null: 0; exp16: within 3e-7 of exp, 0 at -inf), dp[c] = dS = P (dp[c] - delta).
-__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void probabilities_and_gradient(float* x, float* dp, std::ptrdiff_t n, float scale,
-                                                                                             const float* bias, float lse,
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void probabilities_and_gradient(float* x, float* dp, std::ptrdiff_t n,
+                                                                                             float scale, const float* bias, float lse,
                                                                                              float delta) noexcept {
   const __m512 s = _mm512_set1_ps(scale), l = _mm512_set1_ps(lse), d = _mm512_set1_ps(delta);
   for (std::ptrdiff_t c = 0; c < n; c += 16) {
