@@ -5,7 +5,8 @@
 //
 // The bound (docs/storage.md): q, k, v and d_out are bf16 values here and o the float reference's
 // output, so the kernel rounds only P (for dV) and dS (for dK and dQ), each element by a factor
-// 1 + e, |e| <= u; with W_ij = P_ij (|dP_ij| + |D_i|) >= |dS_ij|, element by element
+// 1 + e, |e| <= u; with W_ij = P_ij (sum_d |dO_id V_jd| + sum_d |dO_id O_id|) >= |dS_ij| (the
+// magnitudes of dP and D before their cancellation, which float rounding sees), element by element
 //   |dV_jd error| <= u sum_i P_ij |dO_id| + float,
 //   |dK_jd error| <= u scale sum_i W_ij |Q_id| + float,   |dQ_id error| <= u scale sum_j W_ij |K_jd| + float,
 // the sums over the group's query heads for dK and dV; "float" is 2e-5 (M + 1) with M the sum
@@ -124,15 +125,15 @@ magnitudes bound_magnitudes(const problem& pr, const shape& c, const Bias& bias,
       const detail::row_matrix<float> p = detail::reference_probabilities(pr.qf.view(), pr.kf.view(), bias, options, s, h, lse);
       for (index_t r = 0; r < s.q_length; ++r) {
         const index_t row = s.q_begin + r;
-        double delta = 0;
-        for (index_t d = 0; d < c.dim_v; ++d) delta += double(pr.d_outf(b, row, h, d)) * pr.forward.out(b, row, h, d);
+        double delta = 0;  // sum |dO_d O_d| >= |D|
+        for (index_t d = 0; d < c.dim_v; ++d) delta += std::abs(double(pr.d_outf(b, row, h, d)) * pr.forward.out(b, row, h, d));
         for (index_t col = 0; col < s.k_length; ++col) {
           const double pij = p(r, col);
           if (pij == 0) continue;
           const index_t key = s.k_begin + col;
-          double dp = 0;
-          for (index_t d = 0; d < c.dim_v; ++d) dp += double(pr.d_outf(b, row, h, d)) * pr.vf(b, key, hk, d);
-          const double w = pij * (std::abs(dp) + std::abs(delta));
+          double dp = 0;  // sum |dO_d V_d| >= |dP|
+          for (index_t d = 0; d < c.dim_v; ++d) dp += std::abs(double(pr.d_outf(b, row, h, d)) * pr.vf(b, key, hk, d));
+          const double w = pij * (dp + delta);
           for (index_t d = 0; d < c.dim_v; ++d) m.dv(b, key, hk, d) += float(pij * std::abs(pr.d_outf(b, row, h, d)));
           for (index_t d = 0; d < c.dim; ++d) {
             m.dk(b, key, hk, d) += float(scale * w * std::abs(pr.qf(b, row, h, d)));
