@@ -300,17 +300,18 @@ void run_backward(backward_problem<S>& pb, const Bias& bias, std::span<S> bias_g
 
 /// The backward's contract: every argument check of relbias::attention_backward, in its order;
 /// the ring runs it on each rank's shard (see check_attention_call).
-template <class Bias, class S>
-void check_attention_backward_call(const char* where, const tensor_view<const S>& q, const tensor_view<const S>& k,
-                                   const tensor_view<const S>& v, const tensor_view<const S>& o,
-                                   const tensor_view<const S>& d_out, std::span<const S> lse, const Bias& bias,
+/// (Q, KV, O, DO: S, or 16-bit storage for the 16-bit backward of attention_half.hpp.)
+template <class Bias, class S, class Q = S, class KV = S, class O = S, class DO = S>
+void check_attention_backward_call(const char* where, const tensor_view<const Q>& q, const tensor_view<const KV>& k,
+                                   const tensor_view<const KV>& v, const tensor_view<const O>& o,
+                                   const tensor_view<const DO>& d_out, std::span<const S> lse, const Bias& bias,
                                    const attention_options<S>& options, const tensor_view<S>& dq, const tensor_view<S>& dk,
                                    const tensor_view<S>& dv, std::span<S> bias_grad) {
   check_contiguous_keys(where, options);
   check_qkv(where, q, k, v, index_t(bias.num_heads()), options);
   std::size_t parameter_count = 0;
   if constexpr (learned_bias<Bias>) parameter_count = std::size_t(bias.parameters().size());
-  check_backward(where, q, k, v, o, d_out, lse, dq, dk, dv, bias_grad, parameter_count);
+  check_backward<S>(where, q, k, v, o, d_out, lse, dq, dk, dv, bias_grad, parameter_count);
   check_bias_mode(where, bias, options);
   check_sequences(where, q, k, options);
   check_no_aliasing(where, {block_of("dq", dq), block_of("dk", dk), block_of("dv", dv), block_of("bias_grad", bias_grad)},

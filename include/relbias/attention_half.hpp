@@ -15,10 +15,13 @@
 // (options.paged, paged.hpp) is read through its block table: a streamed item looks up each
 // key block's row offsets once, a larger one widens the runs of blocks into the same float tile.
 //
-// The backward has no 16-bit path yet: attention_backward() with 16-bit inputs throws
-// std::invalid_argument (widen to float and call the float backward).
+// The backward over 16-bit storage (attention_backward below) widens q, k, v, o and d_out to
+// float and runs the float backward, or, opted in with compute_precision::bf16 on a CPU with
+// AMX, multiplies in bf16 tiles (detail/amx_backward.hpp).
 
 #include "relbias/attention.hpp"
+#include "relbias/attention_backward.hpp"
+#include "relbias/detail/amx_backward.hpp"
 #include "relbias/detail/amx_forward.hpp"
 #include "relbias/detail/storage.hpp"
 
@@ -331,14 +334,75 @@ attention_result<float> attention(tensor_view<Q> q, tensor_view<K> k, tensor_vie
   return result;
 }
 
-/// The backward has no 16-bit path: with q, k or v in Eigen::half or Eigen::bfloat16 it throws
-/// std::invalid_argument. Widen the tensors to float and call the float attention_backward().
-template <class Q, class K, class V, class... Rest>
-  requires(half_storage<std::remove_const_t<Q>> || half_storage<std::remove_const_t<K>> || half_storage<std::remove_const_t<V>>)
-void attention_backward(tensor_view<Q>, tensor_view<K>, tensor_view<V>, Rest&&...) {
-  throw std::invalid_argument(
-      "relbias::attention_backward: q, k and v must be float or double; the backward has no bf16/f16 path yet "
-      "(widen the tensors to float and call the float attention_backward)");
+namespace detail {
+
+/// A float copy of a view (relbias::convert: exact for 16-bit storage).
+template <class T>
+tensor<float> widened_copy(const tensor_view<const T>& t) {
+  tensor<float> out(t.batch, t.seq, t.heads, t.dim);
+  convert(t, out.view());
+  return out;
+}
+
+/// The float backward on the widened tensors: the 16-bit backward wherever the bf16 AMX path
+/// does not run. Its results are attention_backward() of the widened q, k, v, o and d_out, bit
+/// for bit.
+template <bias_policy Bias, class Q, class KV, class O, class DO>
+void widened_backward(tensor_view<const Q> q, tensor_view<const KV> k, tensor_view<const KV> v, tensor_view<const O> o,
+                      tensor_view<const DO> d_out, std::span<const float> lse, const Bias& bias, const attention_options<float>& options,
+                      tensor_view<float> dq, tensor_view<float> dk, tensor_view<float> dv, std::span<float> bias_grad) {
+  const tensor<float> qf = widened_copy(q), kf = widened_copy(k), vf = widened_copy(v), of = widened_copy(o), d_outf = widened_copy(d_out);
+  relbias::attention_backward(qf.view(), kf.view(), vf.view(), of.view(), d_outf.view(), lse, bias, options, dq, dk, dv, bias_grad);
+}
+
+}  // namespace detail
+
+/// The element types attention_backward() takes from 16-bit storage: q, k, v as for attention()
+/// (half_attention_inputs), o and d_out each float or of the storage format.
+template <class Q, class K, class V, class O, class D>
+concept half_backward_inputs = half_attention_inputs<Q, K, V> && half_attention_inputs<O, K, V> && half_attention_inputs<D, K, V>;
+
+/// Backward over 16-bit storage: q [B, Lq, Hq, D], k [B, Lk, Hk, D], v [B, Lk, Hk, Dv] as for the
+/// 16-bit attention() (k and v in Eigen::half or Eigen::bfloat16, q in that format or float), o
+/// and d_out [B, Lq, Hq, Dv] each float (o as the 16-bit forward returns it) or in the storage
+/// format; lse, dq, dk, dv and bias_grad in float, with the float attention_backward()'s
+/// contract (dq, dk, dv overwritten, bias_grad accumulated into, the same checks and errors).
+///
+/// By default (compute_precision::fp32), and wherever the bf16 path does not run (no AMX, or
+/// Eigen::half storage), the tensors are widened to float (exactly) and the float
+/// attention_backward() runs: its results on the widened tensors, bit for bit, at the cost of
+/// float copies of q, k, v, o and d_out. options.compute = compute_precision::bf16 with bfloat16
+/// k and v runs the five products as bf16 tile products on AMX where the CPU has it (q, o, d_out
+/// rounded to bf16 if float; P and dS rounded to bf16 where they feed a product; softmax, dS,
+/// bias gradient and sums in float): the error bound is in docs/storage.md, and the gradients
+/// are the same bits for any thread count.
+template <bias_policy Bias, class Q, class K, class V, class O, class D>
+  requires std::same_as<typename Bias::scalar_type, float> && half_backward_inputs<Q, K, V, O, D>
+void attention_backward(tensor_view<Q> q, tensor_view<K> k, tensor_view<V> v, tensor_view<O> o, tensor_view<D> d_out,
+                        std::span<const float> lse, const Bias& bias, const attention_options<float>& options, tensor_view<float> dq,
+                        tensor_view<float> dk, tensor_view<float> dv, std::span<float> bias_grad = {}) {
+  using query = std::remove_const_t<Q>;
+  using storage = std::remove_const_t<K>;
+  using output = std::remove_const_t<O>;
+  using output_gradient = std::remove_const_t<D>;
+  const tensor_view<const query> qc = q;
+  const tensor_view<const storage> kc = k, vc = v;
+  const tensor_view<const output> oc = o;
+  const tensor_view<const output_gradient> d_outc = d_out;
+  // Preconditions (on the caller's tensors: the widened copies would hide aliasing)
+  detail::check_attention_backward_call("relbias::attention_backward", qc, kc, vc, oc, d_outc, lse, bias, options, dq, dk, dv,
+                                        bias_grad);
+
+  if constexpr (std::same_as<storage, Eigen::bfloat16>) {
+    if (options.compute == compute_precision::bf16 && detail::amx::usable()) {
+      const detail::bf16_backward_problem<query, output, output_gradient> pb{
+          qc, kc, vc, oc, d_outc, lse, dq, dk, dv, options.scale_for(q.dim), q.heads / k.heads,
+          detail::make_layout(options, q.batch, q.seq, k.seq)};
+      detail::run_bf16_backward(pb, bias, bias_grad, detail::thread_count(options.num_threads));
+      return;
+    }
+  }
+  detail::widened_backward(qc, kc, vc, oc, d_outc, lse, bias, options, dq, dk, dv, bias_grad);
 }
 
 }  // namespace relbias

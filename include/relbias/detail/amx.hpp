@@ -1,6 +1,7 @@
 #pragma once
-// Intel AMX (Advanced Matrix Extensions) for the bf16 forward (amx_forward.hpp): the only file
-// with AMX intrinsics, and with the AVX-512 intrinsics of that path's softmax.
+// Intel AMX (Advanced Matrix Extensions) for the bf16 forward and backward (amx_forward.hpp,
+// amx_backward.hpp): the only file with AMX intrinsics, and with the AVX-512 intrinsics of those
+// paths' row passes (softmax, its backward, the bf16 roundings).
 //
 // Every function that uses them is compiled for those instructions by a target attribute, not
 // by the build's flags: a build without -mamx-tile (or -march=native on an older machine) still
@@ -114,7 +115,7 @@ inline std::atomic<bool>& disabled_flag() noexcept {
 /// benchmarks that compare both paths. Starts as RELBIAS_NO_AMX says.
 inline void set_disabled(bool disabled) noexcept { disabled_flag().store(disabled); }
 
-/// The bf16 forward runs on AMX: compiled in, detected, not disabled.
+/// The bf16 forward and backward run on AMX: compiled in, detected, not disabled.
 inline bool usable() noexcept { return compiled && !disabled_flag().load() && detected(); }
 
 }  // namespace relbias::detail::amx
@@ -302,6 +303,45 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline float exp
   return _mm512_reduce_add_ps(sum);
 }
 
+/// The backward's row pass over n visible columns, in place: x[c] = P = exp(x[c] scale + bias[c]
+/// - lse) (bias null: 0; exp16: within 3e-7 of exp, 0 at -inf), dp[c] = dS = P (dp[c] - delta).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void probabilities_and_gradient(float* x, float* dp, std::ptrdiff_t n,
+                                                                                             float scale, const float* bias, float lse,
+                                                                                             float delta) noexcept {
+  const __m512 s = _mm512_set1_ps(scale), l = _mm512_set1_ps(lse), d = _mm512_set1_ps(delta);
+  for (std::ptrdiff_t c = 0; c < n; c += 16) {
+    const __mmask16 lanes = n - c >= 16 ? __mmask16(0xffff) : first_lanes(n - c);
+    const __m512 raw = _mm512_maskz_loadu_ps(lanes, x + c);
+    const __m512 y = bias ? _mm512_fmadd_ps(raw, s, _mm512_maskz_loadu_ps(lanes, bias + c)) : _mm512_mul_ps(raw, s);
+    const __m512 p = exp16(_mm512_sub_ps(y, l));
+    _mm512_mask_storeu_ps(x + c, lanes, p);
+    _mm512_mask_storeu_ps(dp + c, lanes, _mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, dp + c), d)));
+  }
+}
+
+/// out[2c] = bf16(even[c]), out[2c + 1] = bf16(odd[c]) for c < n (a multiple of 16), nearest
+/// even: two rows of a matrix as one pair row of a B operand whose depth runs down the rows (the
+/// VNNI layout of the file's header), as the backward's P and dS for dV and dK. even_out and
+/// odd_out (or null) get the two rows as they are, in bf16 (dS as the A operand of dQ).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void to_bf16_pairs(const float* even, const float* odd,
+                                                                                         std::ptrdiff_t n, std::uint16_t* out,
+                                                                                         std::uint16_t* even_out = nullptr,
+                                                                                         std::uint16_t* odd_out = nullptr) noexcept {
+  alignas(64) static constexpr std::uint16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                          8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(order);
+  for (std::ptrdiff_t c = 0; c < n; c += 16) {
+    const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(odd + c), _mm512_loadu_ps(even + c));  // even in lanes 0-15
+    __m512i bits;
+    std::memcpy(&bits, &both, sizeof(bits));
+    _mm512_storeu_si512(out + 2 * c, _mm512_permutexvar_epi16(interleave, bits));
+    if (even_out) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(even_out + c), _mm512_castsi512_si256(bits));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(odd_out + c), _mm512_extracti64x4_epi64(bits, 1));
+    }
+  }
+}
+
 /// The tile units' peak, for the benchmarks (bench/peak.hpp): `rounds` rounds of 4 independent
 /// tdpbf16ps on tiles loaded once (16 x 16 x 32 multiply-adds each, no memory traffic); returns
 /// the FLOPs done. Needs configure() on this thread first.
@@ -342,6 +382,9 @@ inline void values(const std::uint16_t*, std::ptrdiff_t, const std::uint16_t*, s
 inline float scale_bias_max(float*, std::ptrdiff_t, float, const float*) noexcept { return 0.0f; }
 inline float exp_to_bf16(const float*, std::ptrdiff_t, float, std::uint16_t*) noexcept { return 0.0f; }
 inline double tile_product_rounds(long) noexcept { return 0.0; }
+inline void probabilities_and_gradient(float*, float*, std::ptrdiff_t, float, const float*, float, float) noexcept {}
+inline void to_bf16_pairs(const float*, const float*, std::ptrdiff_t, std::uint16_t*, std::uint16_t* = nullptr,
+                          std::uint16_t* = nullptr) noexcept {}
 
 }  // namespace relbias::detail::amx
 

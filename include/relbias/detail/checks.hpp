@@ -189,9 +189,10 @@ void check_lse_precision(const char* where, std::span<const S> lse) {
 
 /// The backward pass's extra tensors: o and d_out [B, Lq, Hq, Dv], lse of B * Hq * Lq values,
 /// dq/dk/dv shaped like q/k/v, and bias_grad either empty or of the policy's parameter count.
-template <class S>
-void check_backward(const char* where, const tensor_view<const S>& q, const tensor_view<const S>& k,
-                    const tensor_view<const S>& v, const tensor_view<const S>& o, const tensor_view<const S>& d_out,
+/// (q, k, v, o and d_out may be 16-bit storage: the bf16 backward's check, attention_half.hpp.)
+template <class S, class Q = S, class KV = S, class O = S, class DO = S>
+void check_backward(const char* where, const tensor_view<const Q>& q, const tensor_view<const KV>& k,
+                    const tensor_view<const KV>& v, const tensor_view<const O>& o, const tensor_view<const DO>& d_out,
                     std::span<const S> lse, const tensor_view<S>& dq, const tensor_view<S>& dk,
                     const tensor_view<S>& dv, std::span<S> bias_grad, std::size_t parameter_count) {
   const std::size_t bias_grad_size = bias_grad.size();
