@@ -8,6 +8,7 @@
 // with D = max_j D_j the weights move by factors within [e^-2D, e^2D], adding (e^2D - 1) max_j |v_jd|.
 // Plus float rounding of both kernels (float_tolerance, as tests/test_attention.cpp).
 #include "catch.hpp"
+#include "amx_testing.hpp"
 #include "random_tensors.hpp"
 
 #include <relbias/attention_half.hpp>
@@ -26,26 +27,15 @@
 #include <vector>
 
 using namespace relbias;
+using relbias_test::amx_or_skip;
+using relbias_test::bound_check;
 using relbias_test::copy_as;
 using relbias_test::random_tensor;
+using shape = relbias_test::amx_shape;
 
 namespace {
 
 constexpr double float_tolerance = 2e-5;
-
-
-/// Prints why an AMX test checks nothing on this machine (Catch2 2 has no SKIP).
-bool amx_or_skip() {
-  if (detail::amx::usable()) return true;
-  WARN("skipped: no usable AMX here (compiled in: " << detail::amx::compiled << ", detected: " << detail::amx::detected()
-                                                     << ", RELBIAS_NO_AMX or set_disabled: " << detail::amx::disabled_flag().load() << ")");
-  return false;
-}
-
-struct bound_check {
-  double worst_ratio = 0;  // max error / bound over O and lse
-  double worst_error = 0;  // max |error| of O
-};
 
 /// got (the bf16 forward) against the reference on the widened q, k, v, element by element
 /// within the bound above. q_rounded: q was float and rounded by the kernel (qf its values).
@@ -82,10 +72,6 @@ bound_check check_against_bound(const tensor<float>& qf, const tensor<float>& kf
       }
   return result;
 }
-
-struct shape {
-  index_t batch = 1, lq = 5, lk = 5, hq = 2, hk = 2, dim = 64, dim_v = 64;
-};
 
 /// The bf16 forward of random bf16 q, k, v (q float when FloatQuery) against the bound.
 template <bool FloatQuery = false, class Bias>

@@ -13,6 +13,7 @@
 // beside u (float sums of up to a few hundred terms, exp within 3e-7). The bias gradient sums the
 // float dS: no bf16 rounding enters it, and it is checked within 1e-4 of its largest element.
 #include "catch.hpp"
+#include "amx_testing.hpp"
 #include "random_tensors.hpp"
 
 #include <relbias/attention_backward.hpp>
@@ -31,22 +32,15 @@
 #include <vector>
 
 using namespace relbias;
+using relbias_test::amx_or_skip;
+using relbias_test::bound_check;
 using relbias_test::copy_as;
 using relbias_test::random_tensor;
+using shape = relbias_test::amx_shape;
 
 namespace {
 
 constexpr double float_tolerance = 2e-5;
-
-bool amx_or_skip() {
-  if (detail::amx::usable()) return true;
-  WARN("skipped: no usable AMX here (compiled in: " << detail::amx::compiled << ", detected: " << detail::amx::detected() << ")");
-  return false;
-}
-
-struct shape {
-  index_t batch = 1, lq = 5, lk = 5, hq = 2, hk = 2, dim = 64, dim_v = 64;
-};
 
 struct gradients {
   tensor<float> dq, dk, dv;
@@ -99,11 +93,6 @@ struct problem {
                                  bias, options, g.dq.view(), g.dk.view(), g.dv.view(), std::span<float>(g.bias_grad));
     return g;
   }
-};
-
-struct bound_check {
-  double worst_ratio = 0;  // max error / bound over dq, dk, dv and bias_grad
-  double worst_error = 0;  // max |error| of dq, dk, dv
 };
 
 /// The magnitudes M of the bound above, per element of dq, dk, dv.
