@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The quality benchmark: trains a small character transformer on Debian's fortunes with every
 # bias scheme (three seeds, 4.1 M training characters each), evaluates held-out bits per character
-# at 1x..16x the training length, trains on 5 % of the data, runs the copy-k-back probe, and
-# writes OUT/quality/ (tables, plots, every run's JSON, summary.json). About 14 minutes on 2
-# cores; QUICK=1 well under a minute (a smoke test). LONG=1 adds the budget check: every scheme,
-# one seed, trained 4x longer (about 13 minutes), into OUT/quality/long/, kept when the main runs
-# are redone; the report then sets the two side by side.
+# at 1x..16x the training length, trains on 5 % of the data (1200 steps, and 300 to check that the
+# verdict has stopped moving), runs the copy-k-back probe, and writes OUT/quality/ (tables, plots,
+# every run's JSON, summary.json). About 25 minutes on 2 cores; QUICK=1 well under a minute (a
+# smoke test). LONG=1 runs the budget check: every scheme, three seeds, trained 4x longer (about
+# 45 minutes), into OUT/quality/long/, kept when the main runs are redone; the report then says
+# which verdicts of the main run are settled (the same when trained 4x longer).
 #   bash scripts/bench-quality.sh [OUT | --out OUT]        (OUT defaults to bench/results)
 #
 # On your own text: --corpus PATH (a file or a directory, read recursively; one or more paths,

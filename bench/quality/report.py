@@ -36,11 +36,10 @@ BEGIN, END = "<!-- quality: begin (bench/quality/report.py writes this part) -->
 
 
 def load_runs(out):
-    """(name, scheme) -> runs sorted by seed; name: text, small, probe, long (the budget check,
-    OUT_DIR/long/, kept when the main runs are redone) and small1200 (the small-data runs trained
-    4x longer, OUT_DIR/small_1200/, see its command.txt)."""
+    """(name, scheme) -> runs sorted by seed; name: text, small, smallq (small data at a quarter of
+    the budget), probe, long (the budget check, OUT_DIR/long/, kept when the main runs are redone)."""
     runs = defaultdict(list)
-    kept = [out / "runs", out / "long", out / "small_1200"]
+    kept = [out / "runs", out / "long"]
     for path in [p for folder in kept for p in sorted(folder.glob("*.json"))]:
         run = json.loads(path.read_text())
         runs[(path.name.split("_")[0], run["scheme"])].append(run)
@@ -206,12 +205,6 @@ def probe_table(runs):
     return lines
 
 
-def rank_of(groups, value_of):
-    means = {scheme: np.mean([value_of(r) for r in group]) for scheme, group in groups.items()}
-    order = sorted(means, key=means.get)
-    return {scheme: order.index(scheme) + 1 for scheme in means}
-
-
 def long_date(out):
     paths = list((out / "long").glob("*.json"))
     stamp = max(path.stat().st_mtime for path in paths) if paths else 0
@@ -219,53 +212,74 @@ def long_date(out):
 
 
 def budget_check(runs, out):
-    """The 15-minute run's seed 0 beside the same run trained 4x longer (OUT_DIR/long/)."""
+    """The main runs beside the same runs trained 4x longer (OUT_DIR/long/), on the seeds both have."""
     short, long = budget_pairs(runs)
     if not short:
         return []
     first_long, first_short = next(iter(long.values()))[0], next(iter(short.values()))[0]
+    seeds = sorted({r["seed"] for g in long.values() for r in g})
     chars = lambda r: r["steps"] * r["batch"] * r["seq"] / 1e6
-    lines = [f"Seed {first_short['seed']}: the main run ({chars(first_short):.1f} M training characters) beside the same run "
-             f"trained on {chars(first_long):.1f} M, the schedule stretched over it (`{command_of(out / 'long', 'LONG=1')}`, "
-             f"{long_date(out)}). Rank: 1 = lowest bits per character among these schemes.", "",
-             "| scheme | bpc 1x, main | bpc 1x, 4x longer | rank 1x main / longer | bpc 16x, main | bpc 16x, 4x longer | "
-             "rank 16x main / longer | longer run: last-quarter gain |", "|---" * 8 + "|"]
-    ranks = [rank_of(g, lambda r, k=k: r["eval_bpc"][k]) for g in (short, long) for k in (0, -1)]
+    lines = [f"Seeds {', '.join(map(str, seeds))}: the main runs ({chars(first_short):.1f} M training characters) beside the "
+             f"same runs trained on {chars(first_long):.1f} M, the schedule stretched over it "
+             f"(`{command_of(out / 'long', 'LONG=1')}`, {long_date(out)}). **best** and (tie) as above, within each column.", "",
+             "| scheme | bpc 1x, main | bpc 1x, 4x longer | bpc 16x, main | bpc 16x, 4x longer | 4x longer: last-quarter gain |",
+             "|---" * 6 + "|"]
+    marks = [ranking(g, lambda r, k=k: r["eval_bpc"][k]) for k in (0, -1) for g in (short, long)]
     for scheme in long:
-        a, b = short[scheme][0], long[scheme][0]
-        gain = last_quarter_gain(b, False)
-        lines.append(f"| {scheme} | {a['eval_bpc'][0]:.3f} | {b['eval_bpc'][0]:.3f} | {ranks[0][scheme]} / {ranks[2][scheme]} | "
-                     f"{a['eval_bpc'][-1]:.3f} | {b['eval_bpc'][-1]:.3f} | {ranks[1][scheme]} / {ranks[3][scheme]} | "
-                     f"{gain:+.3f}{' flat' if converged(b, False) else ' still moving'} |")
+        cells = [spread([r["eval_bpc"][k] for r in g[scheme]]) + MARK[m.get(scheme, "")]
+                 for (k, g), m in zip([(0, short), (0, long), (-1, short), (-1, long)], marks)]
+        gains = [last_quarter_gain(r, False) for r in long[scheme]]
+        flat = sum(converged(r, False) for r in long[scheme])
+        lines.append(f"| {scheme} | " + " | ".join(cells) + f" | {spread(gains)} ({flat}/{len(gains)} flat) |")
     return lines
 
 
 def budget_pairs(runs):
-    """{scheme: [main run]}, {scheme: [4x run]} for the schemes and seed the budget check ran."""
+    """{scheme: main runs}, {scheme: 4x runs}, on the schemes and seeds the budget check ran."""
     long, text = groups_of(runs, "long"), groups_of(runs, "text")
     if not long or not text:
         return {}, {}
-    seed = next(iter(long.values()))[0]["seed"]
-    short = {s: [r for r in g if r["seed"] == seed][:1] for s, g in text.items() if s in long}
-    short = {s: g for s, g in short.items() if g}
-    return short, {s: g[:1] for s, g in long.items() if s in short}
+    seeds = {r["seed"] for g in long.values() for r in g}
+    short = {s: [r for r in g if r["seed"] in seeds] for s, g in text.items() if s in long}
+    short = {s: g for s, g in short.items() if len(g) == len(long[s])}
+    return short, {s: g for s, g in long.items() if s in short}
 
 
-def budget_ranks(runs):
-    """One sentence: do the 1x and 16x orders of the main run (its seed) hold when trained 4x longer?"""
+def leading_group(groups, value_of):
+    """The best scheme and those within its seed spread, as a set; empty when one seed leaves no spread."""
+    marks = ranking(groups, value_of)
+    if any(len(g) < 2 for g in groups.values()):
+        return set()
+    return {s for s, m in marks.items() if m}
+
+
+def settled(short, long, value_of, what, later="trained 4x longer"):
+    """One sentence: does training 4x longer name the same leading group (best + ties)?"""
+    a, b = leading_group(short, value_of), leading_group(long, value_of)
+    if not a or not b:
+        return None
+    names = lambda group: ", ".join(sorted(group, key=SCHEMES.index))
+    if a == b:
+        return f"{what}: settled, the same leading group at both budgets ({names(b)})"
+    return f"{what}: **not settled**: leading group {names(a)} at a quarter of the budget, {names(b)} {later}"
+
+
+def budget_verdicts(runs):
+    """The budget check's sentences for the answer: is each column's verdict the same when trained 4x longer?"""
     short, long = budget_pairs(runs)
     if not short:
-        return None
-    seed = next(iter(long.values()))[0]["seed"]
-    parts = []
-    for k, label in ((0, "1x"), (-1, "16x")):
-        a = sorted(short, key=lambda s: short[s][0]["eval_bpc"][k])
-        b = sorted(long, key=lambda s: long[s][0]["eval_bpc"][k])
-        same = "the same order" if a == b else f"order {' < '.join(b)} (main run: {' < '.join(a)})"
-        parts.append(f"at {label} {same}")
-    gains = [last_quarter_gain(g[0], False) for g in long.values()]
-    return (f"Trained 4x longer (seed {seed}, every scheme): " + "; ".join(parts) +
-            f"; last-quarter gains there {min(gains):.3f} to {max(gains):.3f} bpc")
+        return []
+    seeds = len(next(iter(long.values())))
+    if seeds < 2:
+        return [f"Trained 4x longer: one seed only, so no verdict can be compared (run `LONG=1` for the seeds)"]
+    lengths = next(iter(long.values()))[0]["eval_lengths"]
+    seq = next(iter(long.values()))[0]["seq"]
+    lines = [best_sentence(long, lambda r, k=k: r["eval_bpc"][k],
+                           f"Trained 4x longer ({seeds} seeds), at {lengths[k] // seq}x") for k in (0, -1)]
+    lines += [settled(short, long, lambda r, k=k: r["eval_bpc"][k], f"Verdict at {lengths[k] // seq}x") for k in (0, -1)]
+    gains = [last_quarter_gain(r, False) for g in long.values() for r in g]
+    lines.append(f"The 4x runs' last-quarter gains: {min(gains):.3f} to {max(gains):.3f} bpc")
+    return lines
 
 
 def speed_lines(runs):
@@ -314,11 +328,18 @@ def band_plot(ax, runs, name, x_of, y_of, label_x, label_y):
     ax.grid(alpha=0.3)
 
 
+PANELS = [("text", "all training files"), ("long", "all training files, 4x longer"),
+          ("small", "every 20th training record (5 %)")]
+
+
 def plot_text_panels(runs, out, file, title, x_of, y_of, label_x, label_y, log_x, footer, zoom_first=None):
-    """One panel for the runs on all training files, one for the small-data runs; each panel
-    scales to its own data (a shared axis had cut off the small-data curves)."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for ax, name, data in zip(axes, ["text", "small"], ["all training files", "every 20th training record (5 %)"]):
+    """One panel each for the runs on all training files, the same trained 4x longer (when the
+    budget check ran) and the small-data runs; each panel scales to its own data (a shared axis
+    had cut off the small-data curves)."""
+    panels = [(name, data) for name, data in PANELS if any(runs.get((name, s)) for s in SCHEMES)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    axes = axes[0]
+    for ax, (name, data) in zip(axes, panels):
         band_plot(ax, runs, name, x_of, y_of, label_x, label_y)
         if log_x:
             ax.set_xscale("log", base=2)
@@ -386,7 +407,7 @@ def plot_biases(runs, out, name, file, log_x, footer):
 
 
 def plot_losses(runs, out, footer):
-    names = [n for n in ["text", "small", "probe", "long"] if any(runs.get((n, s)) for s in SCHEMES)]
+    names = [n for n in ["text", "long", "small", "smallq", "probe"] if any(runs.get((n, s)) for s in SCHEMES)]
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.6), squeeze=False)
     styles = ["-", "--", ":"]
     for ax, name in zip(axes[0], names):
@@ -439,13 +460,18 @@ def answer(runs):
                 lines.append(best_sentence(text, lambda r, k=k: r["eval_bpc"][k],
                                            f"Held-out bits per character at {multiple}x the training length"))
     if small:
-        lines.append(best_sentence(small, lambda r: r["eval_bpc"][0], "On 5 % of the data, at 1x"))
+        steps = next(iter(small.values()))[0]["steps"]
         lengths = next(iter(small.values()))[0]["eval_lengths"]
-        lines.append(best_sentence(small, lambda r: r["eval_bpc"][-1], f"On 5 % of the data, at {lengths[-1]} characters"))
-    longer = groups_of(runs, "small1200")
-    if longer:
-        lines.append(best_sentence(longer, lambda r: r["eval_bpc"][0], "On 5 % of the data trained 4x longer (1200 steps), at 1x"))
-        lines.append(best_sentence(longer, lambda r: r["eval_bpc"][-1], "The same, at 16x"))
+        for k in (0, -1):
+            lines.append(best_sentence(small, lambda r, k=k: r["eval_bpc"][k],
+                                       f"On 5 % of the data ({steps} steps), at {lengths[k]} characters"))
+        quarter = groups_of(runs, "smallq")
+        if quarter:
+            q_steps = next(iter(quarter.values()))[0]["steps"]
+            for k in (0, -1):
+                lines.append(settled(quarter, small, lambda r, k=k: r["eval_bpc"][k],
+                                     f"Small-data verdict at {lengths[k]} characters, {q_steps} against {steps} steps",
+                                     later="at the full budget"))
     if probe:
         lines.append(best_sentence(probe, lambda r: r["probe_accuracy"], "Probe accuracy (copy k = 5..9 back)",
                                    lower_is_better=False))
@@ -455,16 +481,14 @@ def answer(runs):
                  (f" ({np.mean([r['cpu_ms_per_step'] for r in g]) / base:.2f}x)" if base else "") for s, g in text.items()]
         lines.append("Cost, CPU ms per training step (one thread, x no bias): " + ", ".join(costs))
         counts = []
-        for name, label in (("text", "all-data"), ("small", "small-data"), ("small1200", "small-data 4x longer")):
+        for name, label in (("text", "all-data"), ("small", "small-data"), ("long", "all-data 4x longer")):
             group = [r for g in groups_of(runs, name).values() for r in g]
             if group:
                 gains = [last_quarter_gain(r, False) for r in group]
                 counts.append(f"{sum(converged(r, False) for r in group)} of {len(group)} {label} runs "
                               f"(last-quarter gains {min(gains):.3f} to {max(gains):.3f} bpc)")
         lines.append(f"Converged by the criterion (last quarter gained < {FLAT_BPC} bpc): " + "; ".join(counts))
-        check = budget_ranks(runs)
-        if check:
-            lines.append(check)
+        lines += budget_verdicts(runs)
     return [line for line in lines if line]
 
 
@@ -524,7 +548,8 @@ def setup_lines(runs):
         part = "1 KiB block of the training bytes" if small["vocab"] == 256 else "training record"
         lines.append(f"Small data: every {small['keep_every']}th {part} ({small['train_chars']:,} symbols), {small['steps']} steps "
                      f"({small['steps'] * small['batch'] * small['seq'] / small['train_chars']:.1f} passes over it); "
-                     "the best validation point is evaluated (early stopping).")
+                     "the best validation point is evaluated (early stopping); the same runs at a quarter of the "
+                     "budget (smallq) tell whether the verdict still moved.")
     if probe:
         lines.append(f"Probe: sequences of {probe['seq']} random symbols (16), each token also carrying k in 5..9 for its "
                      f"sequence; target at position t >= k is the symbol at t - k. Up to {probe['steps']} steps of "
@@ -534,7 +559,10 @@ def setup_lines(runs):
     lines.append(f"Converged: a run whose last quarter of training improved its best validation bits per character by "
                  f"less than {FLAT_BPC} (the probe: solved, or accuracy up by less than {FLAT_ACCURACY}). Ties: a "
                  "difference is read only where the seeds' ranges [min, max] do not overlap; **best** marks the best "
-                 "mean of a column, (tie) a scheme whose range overlaps the best one's.")
+                 "mean of a column, (tie) a scheme whose range overlaps the best one's. Settled: a verdict (the best "
+                 "scheme and those tied with it) that is the same at a quarter of the training budget (the main text "
+                 "runs against the budget check's runs trained 4x longer; the small-data runs against their quarter "
+                 "budget): the runs' bits per character still fall, but the answer no longer moves.")
     return lines
 
 
