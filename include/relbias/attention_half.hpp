@@ -13,7 +13,7 @@
 // With fewer items than threads (one sequence, few key/value heads) each query head is an item
 // of its own, trading one read of K and V per group for the threads. A paged cache
 // (options.paged, paged.hpp) is read through its block table: a streamed item walks the rows of
-// each block as a contiguous cache's and reads the table once per block (paged_key_cursor), a
+// each block as a contiguous cache's and reads the table once per block (streamed_block), a
 // larger one widens the runs of blocks into the same float tile.
 //
 // The backward over 16-bit storage (attention_backward below) widens q, k, v, o and d_out to
@@ -173,7 +173,8 @@ void streamed_scores(const half_forward_problem<Q, KV>& pb, const Runs& runs, co
 /// weight 0 against itself), so a paged cache sums in a contiguous cache's order: same bits.
 /// Each pair prefetches two keys of the next block (`ahead`).
 template <class Q, class KV, class Runs, class Prefetch, class Scores, class Accumulator>
-void streamed_values(const half_forward_problem<Q, KV>& pb, const Runs& runs, const Prefetch& ahead, const Scores& scores, Accumulator& acc) {
+void streamed_values(const half_forward_problem<Q, KV>& pb, const Runs& runs, const Prefetch& ahead, const Scores& scores,
+                     Accumulator& acc) {
   const index_t n = scores.cols(), stride = pb.v.seq_stride;
   const auto add_pair = [&](index_t c, const KV* v0, const KV* v1) {  // keys c and c + 1 (weight 0 past n)
     ahead.pair(c);
