@@ -9,8 +9,9 @@
 //     in memory (vLLM's layout), read through a block table whose blocks are shuffled (a pool
 //     after some serving: no two neighbours adjacent), each iteration against the same keys
 //     contiguous, [batch, heads, seq, dim] as storage/*; time and tokens/s are the paged step's,
-//     vs_contiguous = its tokens/s over the contiguous step's (docs/paged.md). block = Lk (one
-//     block: the contiguous memory behind a table) calibrates: it differs from 1 by the noise.
+//     vs_contiguous = its tokens/s over the contiguous step's (docs/paged.md), vs_contiguous_cpu
+//     the same from CPU time (steadier under other jobs, one thread). block = Lk (one block: the
+//     contiguous memory behind a table) calibrates: it differs from 1 by the noise.
 //   probe/copy, probe/read: the machine's memory bandwidth in the same run, on as many threads as
 //     a decoding step uses, over a buffer the size of the float cache: memcpy (GB/s counts bytes
 //     read + written, STREAM's convention) and a read-only sum (bytes read, the traffic of decoding).
@@ -23,6 +24,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <ctime>
 #include <numeric>
 #include <random>
 #include <span>
@@ -87,11 +89,22 @@ void decode_storage(benchmark::State& state) {
   state.counters["tokens/s"] = benchmark::Counter(1, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+/// CPU seconds of the process (every thread): with OMP_NUM_THREADS=1 a step's own time, which
+/// other jobs on the machine stretch far less than its wall time (they take the core, not the
+/// step's instructions).
+double process_cpu_seconds() {
+  timespec t{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return double(t.tv_sec) + 1e-9 * double(t.tv_nsec);
+}
+
 /// One decoding step over Lk keys stored as T in a pool of blocks of `block` keys read through a
 /// shuffled block table, against the same step over the same keys contiguous: each iteration
 /// runs both, in alternating order, so that both see the same machine (on a shared machine the
 /// load changes faster than one benchmark runs). The reported time is the paged step's;
-/// "vs_contiguous" = contiguous time / paged time over all iterations (tokens/s ratio).
+/// "vs_contiguous" = contiguous time / paged time over all iterations (tokens/s ratio);
+/// "vs_contiguous_cpu" the same from CPU time (process_cpu_seconds), the one to read on a loaded
+/// machine when run on one thread.
 template <class T>
 void decode_paged(benchmark::State& state) {
   using clock = std::chrono::steady_clock;
@@ -118,18 +131,23 @@ void decode_paged(benchmark::State& state) {
   contiguous.sequences = decoding_sequences(lengths, 1, keys);
   attention_options<float> paged = contiguous;
   paged.paged = paged_kv{block, block_table(std::span<const std::int32_t>(table), 1, blocks)};
-  const auto timed = [&](tensor_view<const T> keys_of, tensor_view<const T> values_of, const attention_options<float>& options) {
+  double paged_cpu = 0, contiguous_cpu = 0;
+  const auto timed = [&](tensor_view<const T> keys_of, tensor_view<const T> values_of, const attention_options<float>& options,
+                         double& cpu) {
+    const double cpu_start = process_cpu_seconds();
     const auto start = clock::now();
     attention(q.view(), keys_of, values_of, bias, options, o.view());
     benchmark::DoNotOptimize(o.data());
-    return std::chrono::duration<double>(clock::now() - start).count();
+    const double seconds = std::chrono::duration<double>(clock::now() - start).count();
+    cpu += process_cpu_seconds() - cpu_start;
+    return seconds;
   };
   double paged_seconds = 0, contiguous_seconds = 0;
   bool paged_first = false;
   for (auto _ : state) {
     double p = 0, c = 0;
-    if (paged_first) p = timed(k_pool, v_pool, paged), c = timed(k.view, v.view, contiguous);
-    else c = timed(k.view, v.view, contiguous), p = timed(k_pool, v_pool, paged);
+    if (paged_first) p = timed(k_pool, v_pool, paged, paged_cpu), c = timed(k.view, v.view, contiguous, contiguous_cpu);
+    else c = timed(k.view, v.view, contiguous, contiguous_cpu), p = timed(k_pool, v_pool, paged, paged_cpu);
     paged_first = !paged_first;
     state.SetIterationTime(p);
     paged_seconds += p;
@@ -138,6 +156,7 @@ void decode_paged(benchmark::State& state) {
   set_bytes_per_second(state, 2.0 * double(keys) * heads * dim * sizeof(T));
   state.counters["tokens/s"] = benchmark::Counter(1, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["vs_contiguous"] = contiguous_seconds / paged_seconds;
+  state.counters["vs_contiguous_cpu"] = contiguous_cpu / paged_cpu;
 }
 
 /// Calls work(begin, end) on each thread's slice of [0, n), on the threads a decoding step uses.

@@ -12,8 +12,9 @@
 // block into a float tile in L2 for Eigen's matrix products. Never is the whole cache widened.
 // With fewer items than threads (one sequence, few key/value heads) each query head is an item
 // of its own, trading one read of K and V per group for the threads. A paged cache
-// (options.paged, paged.hpp) is read through its block table: a streamed item looks up each
-// key block's row offsets once, a larger one widens the runs of blocks into the same float tile.
+// (options.paged, paged.hpp) is read through its block table: a streamed item walks the rows of
+// each block as a contiguous cache's and reads the table once per block (streamed_block), a
+// larger one widens the runs of blocks into the same float tile.
 //
 // The backward over 16-bit storage (attention_backward below) widens q, k, v, o and d_out to
 // float and runs the float backward, or, opted in with compute_precision::bf16 on a CPU with
@@ -26,6 +27,7 @@
 #include "relbias/detail/storage.hpp"
 
 #include <algorithm>
+#include <array>
 #include <concepts>
 #include <limits>
 #include <span>
@@ -62,55 +64,58 @@ struct half_forward_problem {
   index_t lse_index(index_t b, index_t h, index_t row) const { return (b * q.heads + h) * q.seq + row; }
 };
 
+/// A run of a streamed item's keys in consecutive rows: the offsets from k.data and v.data of
+/// its first key's rows, and its length.
+struct key_run {
+  index_t k, v, count;
+};
+
 struct half_forward_scratch {
   row_matrix<float> q;            // (R, D): the item's queries, R = heads_per_item * block rows
   row_matrix<float> k, v;         // (Bc, D), (Bc, Dv): one key block widened
   row_matrix<float> scores;       // (R, Bc)
   row_matrix<float> accumulator;  // (R, Dv)
   Eigen::ArrayXf row_max, row_sum;
-  std::vector<index_t> k_rows{}, v_rows{};  // streamed items over a paged cache: offsets of the key block's rows (and the next block's)
+  // Streamed items over a paged cache: the key block's runs, the next block's k row offsets.
+  std::vector<key_run> runs{};
+  std::vector<index_t> ahead_rows{};
 };
 
-/// Where a streamed item finds key (and value) c of its key block, c from 0 up to end() (the
-/// block and the next one, prefetched during this one). Contiguous keys: rows first + c.
-template <class KV>
-struct contiguous_key_rows {
-  const KV *k, *v;  // row `first` of (b, kv_head)
-  index_t k_stride, v_stride, end_;
-  const KV* key(index_t c) const noexcept { return k + c * k_stride; }
-  const KV* value(index_t c) const noexcept { return v + c * v_stride; }
-  index_t end() const noexcept { return end_; }
-};
-
-/// A paged cache's rows, looked up once per block through the table (half_forward_scratch).
-template <class KV>
-struct paged_key_rows {
-  const KV *k, *v;                   // k.data, v.data
-  const index_t *k_rows, *v_rows;    // offsets of rows 0 .. end() - 1
-  index_t end_;
-  const KV* key(index_t c) const noexcept { return k + k_rows[c]; }
-  const KV* value(index_t c) const noexcept { return v + v_rows[c]; }
-  index_t end() const noexcept { return end_; }
-};
-
-/// Offsets from k.data and v.data of the rows of columns [c0, c0 + count) of sequence s, head
-/// kv_head, into rows.k_rows / v_rows: one lookup per run of rows in a block, not per key.
-template <class Q, class KV>
-paged_key_rows<KV> paged_rows(const half_forward_problem<Q, KV>& pb, const batch_layout& layout, std::size_t s, index_t kv_head,
-                              index_t c0, index_t count, half_forward_scratch& rows) {
-  rows.k_rows.resize(std::size_t(count));
-  rows.v_rows.resize(std::size_t(count));
-  layout.key_runs(s, c0, count, [&](index_t element, index_t row, index_t column, index_t n) {
-    const index_t k_first = pb.k.row(element, row, kv_head) - pb.k.data, v_first = pb.v.row(element, row, kv_head) - pb.v.data;
-    index_t* k_rows = rows.k_rows.data() + column;
-    index_t* v_rows = rows.v_rows.data() + column;
-    for (index_t c = 0; c < n; ++c) {
-      k_rows[c] = k_first + c * pb.k.seq_stride;
-      v_rows[c] = v_first + c * pb.v.seq_stride;
-    }
-  });
-  return {pb.k.data, pb.v.data, rows.k_rows.data(), rows.v_rows.data(), count};
+/// Asks for the cache lines of one stored row ahead of its use. A decoding step is one long
+/// stream per thread whose rows are used a few instructions after they are loaded: with 16-bit
+/// rows the loads in flight alone do not keep the memory busy (measured: 1.6x the float cache's
+/// speed without prefetching, against the 2x its bytes allow).
+template <class T>
+void prefetch_row(const T* row, index_t dim) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (index_t offset = 0; offset < dim * index_t(sizeof(T)); offset += 64) __builtin_prefetch(bytes + offset);
 }
+
+/// Prefetches the k rows of a contiguous cache's next key block (`count` keys from `k` on):
+/// pair(c) asks for keys c and c + 1 (those below count).
+template <class KV>
+struct contiguous_key_prefetch {
+  const KV* k;
+  index_t stride, count, dim;
+
+  void pair(index_t c) const {
+    for (index_t ahead = c; ahead < std::min(c + 2, count); ++ahead) prefetch_row(k + ahead * stride, dim);
+  }
+};
+
+/// Prefetches the k rows of a paged cache's next key block: pair(c) asks for keys c and c + 1
+/// (those below count), whose offsets from k.data were looked up once, block by block, into
+/// `rows` (a per-key cursor through the table cost more instructions than the offsets).
+template <class KV>
+struct paged_key_prefetch {
+  const KV* k;
+  const index_t* rows;
+  index_t count, dim;
+
+  void pair(index_t c) const {
+    for (index_t ahead = c; ahead < std::min(c + 2, count); ++ahead) prefetch_row(k + rows[ahead], dim);
+  }
+};
 
 using float_rows_map = Eigen::Map<const row_matrix<float>, 0, Eigen::OuterStride<>>;
 
@@ -142,64 +147,90 @@ float_rows_map float_key_rows(const tensor_view<const T>& t, const batch_layout&
   return float_rows_map(buffer.data(), count, t.dim, Eigen::OuterStride<>(buffer.cols()));
 }
 
-/// Asks for the cache lines of one stored row ahead of its use. A decoding step is one long
-/// stream per thread whose rows are used a few instructions after they are loaded: with 16-bit
-/// rows the loads in flight alone do not keep the memory busy (measured: 1.6x the float cache's
-/// speed without prefetching, against the 2x its bytes allow).
-template <class T>
-void prefetch_row(const T* row, index_t dim) {
-  const char* bytes = reinterpret_cast<const char*>(row);
-  for (index_t offset = 0; offset < dim * index_t(sizeof(T)); offset += 64) __builtin_prefetch(bytes + offset);
-}
+// Items of at most problem.streamed_rows rows (decoding: a step's query heads of one key/value
+// head) read K and V as they stream by, one dot product and one axpy per key and row; larger
+// items widen each key block into a float tile for the matrix products, which amortise the
+// widening over many rows. Streaming saves writing and re-reading that tile, which costs a
+// decoding step more than the bytes it saves.
 
-/// Items of at most problem.streamed_rows rows (decoding: a step's query heads of one key/value
-/// head) read K and V as they stream by, one dot product and one axpy per key and row; larger
-/// items widen each key block into a float tile for the matrix products, which amortise the
-/// widening over many rows. Streaming saves writing and re-reading that tile, which costs a
-/// decoding step more than the bytes it saves.
-///
-/// scores(rho, c) = scale * q.row(rho) . float(key c) (rows.key(c)), prefetching the block's v
-/// rows, which come next.
-template <class Q, class KV, class KeyRows, class Rows, class Scores>
-void streamed_scores(const half_forward_problem<Q, KV>& pb, const KeyRows& rows, const Rows& q, Scores& scores) {
-  for (index_t c = 0; c < scores.cols(); ++c) {
-    const KV* key = rows.key(c);
-    prefetch_row(rows.value(c), pb.v.dim);
-    for (index_t rho = 0; rho < scores.rows(); ++rho) scores(rho, c) = pb.scale * dot_widened(&q(rho, 0), key, pb.k.dim);
+/// scores(rho, c) = scale * q.row(rho) . float(key c), the keys run after run, prefetching their
+/// v rows, which come next.
+template <class Q, class KV, class Runs, class Rows, class Scores>
+void streamed_scores(const half_forward_problem<Q, KV>& pb, const Runs& runs, const Rows& q, Scores& scores) {
+  index_t c = 0;
+  for (const key_run& run : runs) {
+    const KV *k = pb.k.data + run.k, *v = pb.v.data + run.v;
+    for (index_t i = 0; i < run.count; ++i, ++c) {
+      prefetch_row(v + i * pb.v.seq_stride, pb.v.dim);
+      const KV* key = k + i * pb.k.seq_stride;
+      for (index_t rho = 0; rho < scores.rows(); ++rho) scores(rho, c) = pb.scale * dot_widened(&q(rho, 0), key, pb.k.dim);
+    }
   }
 }
 
-/// acc.row(rho) += sum over c of scores(rho, c) * float(value c), two keys at a time (an odd
-/// last key with weight 0 against itself), prefetching the k rows of the next block (up to
-/// rows.end()).
-template <class Q, class KV, class KeyRows, class Scores, class Accumulator>
-void streamed_values(const half_forward_problem<Q, KV>& pb, const KeyRows& rows, const Scores& scores, Accumulator& acc) {
-  const index_t n = scores.cols(), end = rows.end();
-  for (index_t c = 0; c < n; c += 2) {
-    const bool pair = c + 1 < n;
-    const KV* v0 = rows.value(c);
-    const KV* v1 = pair ? rows.value(c + 1) : v0;
-    for (index_t ahead = n + c; ahead < std::min(n + c + 2, end); ++ahead) prefetch_row(rows.key(ahead), pb.k.dim);
+/// acc.row(rho) += sum over c of scores(rho, c) * float(value c), keys paired (0, 1), (2, 3), ...
+/// by column whatever the runs (a pair may straddle two blocks; an odd last key pairs with
+/// weight 0 against itself), so a paged cache sums in a contiguous cache's order: same bits.
+/// Each pair prefetches two keys of the next block (`ahead`).
+template <class Q, class KV, class Runs, class Prefetch, class Scores, class Accumulator>
+void streamed_values(const half_forward_problem<Q, KV>& pb, const Runs& runs, const Prefetch& ahead, const Scores& scores,
+                     Accumulator& acc) {
+  const index_t n = scores.cols(), stride = pb.v.seq_stride;
+  const auto add_pair = [&](index_t c, const KV* v0, const KV* v1) {  // keys c and c + 1 (weight 0 past n)
+    ahead.pair(c);
+    const bool last = c + 1 == n;
     for (index_t rho = 0; rho < scores.rows(); ++rho)
-      axpy2_widened(scores(rho, c), v0, pair ? scores(rho, c + 1) : 0.0f, v1, pb.v.dim, &acc(rho, 0));
+      axpy2_widened(scores(rho, c), v0, last ? 0.0f : scores(rho, c + 1), v1, pb.v.dim, &acc(rho, 0));
+  };
+  index_t c = 0;            // column of the run's first key
+  const KV* odd = nullptr;  // with c odd: key c - 1's v row, waiting for its partner
+  for (const key_run& run : runs) {
+    const KV* v = pb.v.data + run.v;
+    index_t i = 0;
+    if (odd) {
+      add_pair(c - 1, odd, v);
+      i = 1;
+    }
+    for (; i + 1 < run.count; i += 2) add_pair(c + i, v + i * stride, v + (i + 1) * stride);
+    odd = i < run.count ? v + i * stride : nullptr;
+    c += run.count;
   }
+  if (odd) add_pair(c - 1, odd, odd);
 }
 
-/// Scores and then P V of a streamed item's key block at c0 (bc keys); between them,
-/// softmax(scores) does the bias and the online softmax. A paged cache's rows are looked up first.
+/// Scores and then P V of a streamed item's key block at c0 (bc >= 1 keys); between them,
+/// softmax(scores) does the bias and the online softmax. A contiguous cache's block is one run
+/// of keys; a paged cache's runs (one per pool block, the table read once per block) are looked
+/// up first, and the loops walk each run with plain strides, as over a contiguous cache. (Offsets
+/// per key, filled for the block and the next one on every block and loaded per key, cost 6-9 %
+/// of a decoding step even over a single pool block.)
 template <class Q, class KV, class Rows, class Scores, class Accumulator, class Softmax>
 void streamed_block(const half_forward_problem<Q, KV>& pb, const batch_layout& layout, const query_tile& tile, index_t kv_head,
                     index_t c0, const Rows& q, Scores& scores, Accumulator& acc, half_forward_scratch& s, Softmax softmax) {
-  const index_t rows_ahead = std::min(scores.cols() + pb.tiles.cols, tile.keys.end - c0);  // this block and the next
-  const auto run = [&](const auto& rows) {
-    streamed_scores(pb, rows, q, scores);
-    softmax(scores);
-    streamed_values(pb, rows, scores, acc);
-  };
-  if (layout.paged) return run(paged_rows(pb, layout, tile.sequence, kv_head, c0, rows_ahead, s));
   const sequence& seq = layout.sequences[tile.sequence];
-  run(contiguous_key_rows<KV>{pb.k.row(seq.batch, seq.k_begin + c0, kv_head), pb.v.row(seq.batch, seq.k_begin + c0, kv_head),
-                              pb.k.seq_stride, pb.v.seq_stride, rows_ahead});
+  const index_t bc = scores.cols(), ahead_count = std::min(pb.tiles.cols, tile.keys.end - c0 - bc);  // the next block's keys
+  if (!layout.paged) {
+    const std::array<key_run, 1> run{key_run{pb.k.row(seq.batch, seq.k_begin + c0, kv_head) - pb.k.data,
+                                             pb.v.row(seq.batch, seq.k_begin + c0, kv_head) - pb.v.data, bc}};
+    streamed_scores(pb, run, q, scores);
+    softmax(scores);
+    const index_t first = seq.k_begin + (ahead_count > 0 ? c0 + bc : c0);  // a row of k
+    streamed_values(pb, run, contiguous_key_prefetch<KV>{pb.k.row(seq.batch, first, kv_head), pb.k.seq_stride, ahead_count, pb.k.dim},
+                    scores, acc);
+    return;
+  }
+  s.runs.clear();
+  layout.key_runs(tile.sequence, c0, bc, [&](index_t element, index_t row, index_t, index_t count) {
+    s.runs.push_back({pb.k.row(element, row, kv_head) - pb.k.data, pb.v.row(element, row, kv_head) - pb.v.data, count});
+  });
+  streamed_scores(pb, s.runs, q, scores);
+  softmax(scores);
+  s.ahead_rows.resize(std::size_t(ahead_count));
+  layout.key_runs(tile.sequence, c0 + bc, ahead_count, [&](index_t element, index_t row, index_t column, index_t count) {
+    const index_t first = pb.k.row(element, row, kv_head) - pb.k.data;
+    for (index_t c = 0; c < count; ++c) s.ahead_rows[std::size_t(column + c)] = first + c * pb.k.seq_stride;
+  });
+  streamed_values(pb, s.runs, paged_key_prefetch<KV>{pb.k.data, s.ahead_rows.data(), ahead_count, pb.k.dim}, scores, acc);
 }
 
 /// One work item: query rows [tile.r0, tile.r0 + tile.rows) of `seq` for query heads

@@ -19,9 +19,9 @@
 //
 // The kernels cut a sequence's keys into the tiles a contiguous cache gives (tiles count logical
 // rows) and reach a tile's rows a run at a time (the rows of the tile inside one block): prefill
-// packs the runs as it packs contiguous rows, the 16-bit streamed loop looks up each block's row
-// offsets once, float decoding runs one product per block of 64+ keys or copies smaller blocks'
-// runs into the tile buffer. So a paged call gives the bits of the same keys contiguous, except
+// packs the runs as it packs contiguous rows, the 16-bit streamed loop walks each run with the
+// strides of a contiguous cache (one table lookup per block), float decoding runs one product per
+// block of 64+ keys or copies smaller blocks' runs into the tile buffer. So a paged call gives the bits of the same keys contiguous, except
 // float decoding over blocks of 64+ keys (within float rounding: P V summed block by block).
 // Blocks of 64 keys and more keep decoding near a contiguous cache's speed (docs/paged.md).
 //

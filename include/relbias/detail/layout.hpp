@@ -266,11 +266,11 @@ struct batch_layout {
       if (n > 0) visit(seq.batch, seq.k_begin + c0, index_t(0), n);
       return;
     }
-    const index_t size = paged->block_size;
-    for (index_t column = 0; column < n;) {
-      const index_t logical = seq.k_begin + c0 + column, row = logical % size;
+    const index_t size = paged->block_size, first = seq.k_begin + c0;
+    // One division for the first run; the next runs start at row 0 of the next logical block.
+    for (index_t column = 0, block = first / size, row = first % size; column < n; ++block, row = 0) {
       const index_t count = std::min(size - row, n - column);
-      visit(paged->blocks(index_t(s), logical / size), row, column, count);
+      visit(paged->blocks(index_t(s), block), row, column, count);
       column += count;
     }
   }
