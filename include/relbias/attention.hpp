@@ -16,6 +16,7 @@
 #include "relbias/concepts.hpp"
 #include "relbias/detail/bias_plan.hpp"
 #include "relbias/detail/checks.hpp"
+#include "relbias/detail/exp.hpp"
 #include "relbias/detail/layout.hpp"
 #include "relbias/detail/microkernel.hpp"
 #include "relbias/detail/parallel.hpp"
@@ -103,7 +104,7 @@ S add_bias_and_max(S* x, const S* bias, index_t n) {
   return result;
 }
 
-/// x = exp(x - shift) over x[0, n), in place (Eigen's vectorised exp); returns the sum.
+/// x = exp(x - shift) over x[0, n), in place (packet_exp, detail/exp.hpp); returns the sum.
 template <class S>
 S exp_shifted_sum(S* x, index_t n, S shift) {
   namespace ei = Eigen::internal;
@@ -112,7 +113,7 @@ S exp_shifted_sum(S* x, index_t n, S shift) {
   auto sum_p = ei::pset1<packet_of<S>>(S(0));
   index_t j = 0;
   for (; j + lanes <= n; j += lanes) {
-    const auto p = ei::pexp(ei::psub(ei::ploadu<packet_of<S>>(x + j), shift_p));
+    const auto p = packet_exp<S>(ei::psub(ei::ploadu<packet_of<S>>(x + j), shift_p));
     ei::pstoreu(x + j, p);
     sum_p = ei::padd(sum_p, p);
   }

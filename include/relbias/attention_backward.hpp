@@ -116,8 +116,7 @@ void recompute_probabilities(const backward_problem<S>& pb, const Plan& plan, Ti
     std::fill(row + visible.end, row + p.cols(), S(0));
     if (visible.empty()) continue;  // no bias read: the row's offsets may lie outside the plan's window
     plan.add_row(h, i, j0 + visible.begin, visible.size(), row + visible.begin);
-    Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>> scores(row + visible.begin, visible.size());
-    scores = (scores - lse).exp();
+    exp_shifted_sum(row + visible.begin, visible.size(), lse);  // the forward's exp (the sum unused)
   }
 }
 
