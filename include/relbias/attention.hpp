@@ -55,6 +55,10 @@ struct tile_shape {
   index_t max_rows() const noexcept { return std::max(rows, tall_rows); }
 };
 
+/// Query rows per strip: two row blocks of the micro-kernel, so that each K^T and V panel the
+/// products read from L2 serves both from L1 (block_product's panel order).
+inline constexpr index_t strip_rows = 2 * block_rows;
+
 /// The forward's tiles: 256 x 256, 512 rows for long sequences.
 inline constexpr tile_shape forward_tiles{.rows = 256, .cols = 256, .tall_rows = 512};
 
@@ -322,7 +326,7 @@ void forward_strip(const forward_problem<S>& pb, const Plan& plan, const batch_l
                    index_t c0, index_t bc, index_t r0, index_t n, bool packed, forward_scratch<S>& s) {
   const sequence_positions& pos = layout.positions[tile.sequence];
   const index_t ld = s.scores.cols();
-  index_range visible[block_rows];  // n <= block_rows
+  index_range visible[strip_rows];  // n <= strip_rows
   const index_range columns = strip_visible(pos, layout.band, tile.r0 + r0, n, c0, bc, visible);
   if (columns.empty()) return;  // no row sees a key here: the online softmax state stays as it is
   strip_scores(pb, layout, tile, h, c0, columns, r0, n, packed, s);
@@ -346,10 +350,10 @@ template <class S>
 void prefetch_next_key_tile(const forward_problem<S>& pb, const batch_layout& layout, const query_tile& tile, index_t kv_head,
                             index_t c0, index_t r0) {
   constexpr index_t fetching_strips = 8;
-  const index_t next = c0 + pb.tiles.cols, strips_left = (tile.rows - r0 + block_rows - 1) / block_rows;
+  const index_t next = c0 + pb.tiles.cols, strips_left = (tile.rows - r0 + strip_rows - 1) / strip_rows;
   if (next >= tile.keys.end || strips_left > fetching_strips) return;
   const index_t next_bc = std::min(pb.tiles.cols, tile.keys.end - next);
-  const index_t fetching = std::min(fetching_strips, (tile.rows + block_rows - 1) / block_rows);
+  const index_t fetching = std::min(fetching_strips, (tile.rows + strip_rows - 1) / strip_rows);
   const index_t share = (next_bc + fetching - 1) / fetching, first = (fetching - strips_left) * share;
   const index_t count = std::min(share, next_bc - first);
   if (count <= 0) return;
@@ -382,9 +386,9 @@ void forward_query_tile(const forward_problem<S>& pb, const Plan& plan, const ba
         pack_transposed(pb.k.row(element, row, kv_head), pb.k.seq_stride, count, dim, s.keys.data() + column, s.keys.cols());
         pack_rows(pb.v.row(element, row, kv_head), pb.v.seq_stride, count, dim_v, s.values.data() + column * dim_v);
       });
-    for (index_t r0 = 0; r0 < br; r0 += block_rows) {
+    for (index_t r0 = 0; r0 < br; r0 += strip_rows) {
       if (packed) prefetch_next_key_tile(pb, layout, tile, kv_head, c0, r0);
-      forward_strip(pb, plan, layout, tile, h, c0, bc, r0, std::min<index_t>(block_rows, br - r0), packed, s);
+      forward_strip(pb, plan, layout, tile, h, c0, bc, r0, std::min<index_t>(strip_rows, br - r0), packed, s);
     }
   }
 
@@ -418,7 +422,7 @@ void fused_forward(const forward_problem<S>& pb, const batch_layout& layout, con
     s.queries.resize(pb.tiles.max_rows(), pb.q.dim);
     s.keys.resize(pb.q.dim, padded_to_line<S>(pb.tiles.cols));
     s.values.resize(pb.tiles.cols, pb.v.dim);
-    s.scores.resize(block_rows, padded_to_line<S>(pb.tiles.cols));
+    s.scores.resize(strip_rows, padded_to_line<S>(pb.tiles.cols));
     s.accumulator.resize(pb.tiles.max_rows(), pb.v.dim);
     s.row_max.resize(pb.tiles.max_rows());
     s.row_sum.resize(pb.tiles.max_rows());

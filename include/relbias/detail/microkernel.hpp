@@ -102,9 +102,17 @@ inline void product_rows(strided_operand<S> a, row_block<const S> b, index_t dep
 template <class S>
 void block_product(index_t m, index_t n, index_t depth, strided_operand<S> a, row_block<const S> b, row_block<S> c, S alpha,
                    bool accumulate) {
-  index_t i = 0;
-  for (; i + block_rows <= m; i += block_rows) product_rows<block_rows>(a, b, depth, c, i, n, alpha, accumulate);
-  for (; i < m; ++i) product_rows<1>(a, b, depth, c, i, n, alpha, accumulate);
+  constexpr index_t panel = 2 * lanes_of<S>;
+  const index_t full_m = m / block_rows * block_rows, full_n = n / panel * panel;
+  // Panel by panel: one panel of B (depth x 2 packets) stays in L1 while every row block of A
+  // passes it, instead of all of B streaming from L2 for each row block.
+  for (index_t j = 0; j < full_n; j += panel)
+    for (index_t i = 0; i < full_m; i += block_rows) product_block<block_rows, 2>(a, b, depth, c, i, j, alpha, accumulate);
+  const row_block<const S> b_rest{b.data + full_n, b.ld};
+  const row_block<S> c_rest{c.data + full_n, c.ld};
+  if (full_n < n)
+    for (index_t i = 0; i < full_m; i += block_rows) product_rows<block_rows>(a, b_rest, depth, c_rest, i, n - full_n, alpha, accumulate);
+  for (index_t i = full_m; i < m; ++i) product_rows<1>(a, b, depth, c, i, n, alpha, accumulate);
 }
 
 /// The compute type's value of a stored element (float and double: the element itself).
