@@ -174,11 +174,16 @@ void prefetch_rows(const T* rows, index_t row_stride, index_t count, index_t dim
     for (index_t d = 0; d < dim; d += per_line) Eigen::internal::prefetch(rows + c * row_stride + d);
 }
 
-/// Rounds n up to a whole number of 64-byte lines of S (leading dimensions of packed tiles).
+/// The leading dimension of a packed tile of rows of n values of S: n rounded up to a whole and
+/// odd number of 64-byte lines. A power-of-two row (256 floats: 1 KiB) puts the rows of a
+/// micro-kernel panel into a quarter of the L1 sets, where the 64 rows of a K^T panel (128
+/// lines) do not fit: each row block re-read them from L2. An odd number of lines spreads
+/// consecutive rows over all sets.
 template <class S>
 constexpr index_t padded_to_line(index_t n) {
   constexpr index_t per_line = index_t(64 / sizeof(S));
-  return (n + per_line - 1) / per_line * per_line;
+  const index_t lines = (n + per_line - 1) / per_line;
+  return (lines % 2 == 0 ? lines + 1 : lines) * per_line;
 }
 
 }  // namespace relbias::detail
