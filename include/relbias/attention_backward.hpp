@@ -132,7 +132,7 @@ template <class S, class Plan, class Accumulator>
 void backward_tile(const backward_problem<S>& pb, const Plan& plan, Accumulator* bias_grad, backward_scratch<S>& s,
                    const backward_work<S>& work, index_t h, index_t r0, index_t br, index_t c0, index_t bc) {
   const sequence& seq = *work.seq;
-  const index_t b = seq.batch, kv_head = work.kv_head, first_row = seq.q_begin + r0;
+  const index_t b = seq.batch, first_row = seq.q_begin + r0;
   const index_t j0 = key_position(seq.k_start, c0);
   const index_t dim = pb.q.dim, dim_v = pb.v.dim, ld = s.probabilities.cols();
   pack_rows(pb.q.row(b, first_row, h), pb.q.seq_stride, br, dim, s.queries.data());
