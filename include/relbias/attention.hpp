@@ -80,7 +80,7 @@ template <class S>
 struct forward_scratch {
   row_matrix<S> queries;      // (Br, D): the query tile, packed
   row_matrix<S> keys;         // (D, Bc padded): the key tile, transposed
-  row_matrix<S> values;       // (Bc, Dv): the value tile, packed
+  row_matrix<S> values;       // (Bc, Dv padded): the value tile, packed
   row_matrix<S> scores;       // (block_rows, Bc padded): a strip's scores, then its probabilities
   row_matrix<S> accumulator;  // (Br, Dv): unnormalised output
   Eigen::Array<S, Eigen::Dynamic, 1> row_max, row_sum;  // (Br)
@@ -256,7 +256,7 @@ void strip_values(const forward_problem<S>& pb, const batch_layout& layout, cons
   const index_t dim_v = pb.v.dim, ld = s.scores.cols();
   const S* p = s.scores.data() + columns.begin;
   if (packed) {
-    block_product<S>(n, dim_v, columns.size(), {p, ld, 1}, {s.values.data() + columns.begin * dim_v, dim_v},
+    block_product<S>(n, dim_v, columns.size(), {p, ld, 1}, {s.values.data() + columns.begin * s.values.cols(), s.values.cols()},
                      {&s.accumulator(r0, 0), dim_v}, S(1), true);
     return;
   }
@@ -384,7 +384,8 @@ void forward_query_tile(const forward_problem<S>& pb, const Plan& plan, const ba
     if (packed)
       layout.key_runs(tile.sequence, c0, bc, [&](index_t element, index_t row, index_t column, index_t count) {
         pack_transposed(pb.k.row(element, row, kv_head), pb.k.seq_stride, count, dim, s.keys.data() + column, s.keys.cols());
-        pack_rows(pb.v.row(element, row, kv_head), pb.v.seq_stride, count, dim_v, s.values.data() + column * dim_v);
+        pack_rows(pb.v.row(element, row, kv_head), pb.v.seq_stride, count, dim_v, s.values.data() + column * s.values.cols(),
+                  s.values.cols());
       });
     for (index_t r0 = 0; r0 < br; r0 += strip_rows) {
       if (packed) prefetch_next_key_tile(pb, layout, tile, kv_head, c0, r0);
@@ -421,7 +422,7 @@ void fused_forward(const forward_problem<S>& pb, const batch_layout& layout, con
     forward_scratch<S> s;
     s.queries.resize(pb.tiles.max_rows(), pb.q.dim);
     s.keys.resize(pb.q.dim, padded_to_line<S>(pb.tiles.cols));
-    s.values.resize(pb.tiles.cols, pb.v.dim);
+    s.values.resize(pb.tiles.cols, padded_to_line<S>(pb.v.dim));
     s.scores.resize(strip_rows, padded_to_line<S>(pb.tiles.cols));
     s.accumulator.resize(pb.tiles.max_rows(), pb.v.dim);
     s.row_max.resize(pb.tiles.max_rows());

@@ -158,11 +158,13 @@ void pack_transposed(const T* rows, index_t row_stride, index_t count, index_t d
     for (index_t c = d < full_dim ? full_count : 0; c < count; ++c) out[d * ld + c] = widen<S>(rows[c * row_stride + d]);
 }
 
-/// out (count, dim) contiguous = rows [0, count) of `rows` (count, dim): the B operand of P V.
+/// out (count, dim) with leading dimension ld (default: contiguous) = rows [0, count) of `rows`
+/// (count, dim): the B operand of P V.
 template <class S, class T>
-void pack_rows(const T* rows, index_t row_stride, index_t count, index_t dim, S* out) {
+void pack_rows(const T* rows, index_t row_stride, index_t count, index_t dim, S* out, index_t ld = 0) {
+  if (ld == 0) ld = dim;
   for (index_t c = 0; c < count; ++c)
-    for (index_t d = 0; d < dim; ++d) out[c * dim + d] = widen<S>(rows[c * row_stride + d]);
+    for (index_t d = 0; d < dim; ++d) out[c * ld + d] = widen<S>(rows[c * row_stride + d]);
 }
 
 /// Asks the caches for rows [0, count) of a (count, dim) operand, one request per 64-byte line:
@@ -177,8 +179,8 @@ void prefetch_rows(const T* rows, index_t row_stride, index_t count, index_t dim
 /// The leading dimension of a packed tile of rows of n values of S: n rounded up to a whole and
 /// odd number of 64-byte lines. A power-of-two row (256 floats: 1 KiB) puts the rows of a
 /// micro-kernel panel into a quarter of the L1 sets, where the 64 rows of a K^T panel (128
-/// lines) do not fit: each row block re-read them from L2. An odd number of lines spreads
-/// consecutive rows over all sets.
+/// lines) do not fit: each row block re-read them from L2 (rows of 64 floats: half the sets,
+/// too few for a V panel's 256 rows). An odd number of lines spreads consecutive rows over all sets.
 template <class S>
 constexpr index_t padded_to_line(index_t n) {
   constexpr index_t per_line = index_t(64 / sizeof(S));
