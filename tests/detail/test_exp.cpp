@@ -73,10 +73,12 @@ TEMPLATE_TEST_CASE("packet_exp: 1 at 0, 0 far below, +inf far above, NaN stays N
   CHECK(got[6] == S(1));
   CHECK(std::abs(got[7] - S(2.718281828459045)) <= S(4) * std::numeric_limits<S>::epsilon());
   if (std::is_same_v<S, float>) {  // below ln(FLT_MIN): below FLT_MIN; above ln(FLT_MAX): +inf
-    for (const std::size_t i : {8, 9, 10}) CHECK((got[i] >= S(0) && got[i] < std::numeric_limits<S>::min()));
+    const std::size_t far_below[] = {8, 9, 10};
+    for (const std::size_t i : far_below) CHECK((got[i] >= S(0) && got[i] < std::numeric_limits<S>::min()));
     CHECK(got[11] == inf);
 #if defined(EIGEN_VECTORIZE_AVX512)
-    for (const std::size_t i : {1, 4, 8, 9, 10}) CHECK(got[i] == S(0));  // exactly 0, never a subnormal
+    const std::size_t zeros[] = {1, 4, 8, 9, 10};
+    for (const std::size_t i : zeros) CHECK(got[i] == S(0));  // exactly 0, never a subnormal
 #endif
   }
 }
