@@ -36,7 +36,7 @@ namespace detail {
 
 /// Tile sizes. A query tile's K and V tiles are packed once (K^T and V: 64 KiB each at D = 64)
 /// and stay in L2 while the tile's query rows go past them a strip at a time; a strip's scores
-/// (block_rows x Bc: 8 KiB) stay in L1 from the product through the bias, the max and the exp.
+/// (strip_rows x Bc: 17 KiB) stay in L1 from the product through the bias, the max and the exp.
 /// Every query row of a tile shares one packing of each key tile: at 256 rows and D = 64 packing
 /// still costs about a tenth of the products, so long sequences take tall_rows (512).
 struct tile_shape {
@@ -81,7 +81,7 @@ struct forward_scratch {
   row_matrix<S> queries;      // (Br, D): the query tile, packed
   row_matrix<S> keys;         // (D, Bc padded): the key tile, transposed
   row_matrix<S> values;       // (Bc, Dv padded): the value tile, packed
-  row_matrix<S> scores;       // (block_rows, Bc padded): a strip's scores, then its probabilities
+  row_matrix<S> scores;       // (strip_rows, Bc padded): a strip's scores, then its probabilities
   row_matrix<S> accumulator;  // (Br, Dv): unnormalised output
   Eigen::Array<S, Eigen::Dynamic, 1> row_max, row_sum;  // (Br)
 };

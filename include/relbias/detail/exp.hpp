@@ -6,10 +6,10 @@
 // range reduction, 13 vector operations instead of about 20): the rounding of x log2(e) by the
 // 1.5 * 2^23 shift instead of a floor, Horner's scheme, and 2^m applied by vscalefps instead of
 // building the exponent's bits and multiplying. Measured on an Intel Xeon (Sapphire Rapids class,
-// one thread): exp took 14 % of the fp32 forward's time with pexp (docs/kernels.md).
-// Results: within 2 ulp of exp for x in [-87.3, 88.7] (the reduction's ln 2 and the polynomial,
-// as pexp), exactly 0 below -87.3365 (never a subnormal: exp(x) < FLT_MIN there), +inf above 88.72,
-// NaN for NaN. Other types and targets: Eigen's pexp.
+// one thread): exp took 14 % of the fp32 forward's samples with pexp, 10 % with this (docs/kernels.md).
+// Results: within 5 ulp of exp for x in [-87.3, 88.7] (4.6 at most, near 88.7, where m ln 2 in
+// float costs most; tests/detail/test_exp.cpp), exactly 0 below -87.3365 (never a subnormal:
+// exp(x) < FLT_MIN there), +inf above 88.72, NaN for NaN. Other types and targets: Eigen's pexp.
 
 #include "relbias/detail/eigen.hpp"
 
