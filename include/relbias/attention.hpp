@@ -16,6 +16,7 @@
 #include "relbias/concepts.hpp"
 #include "relbias/detail/bias_plan.hpp"
 #include "relbias/detail/checks.hpp"
+#include "relbias/detail/exp.hpp"
 #include "relbias/detail/layout.hpp"
 #include "relbias/detail/microkernel.hpp"
 #include "relbias/detail/parallel.hpp"
@@ -35,7 +36,7 @@ namespace detail {
 
 /// Tile sizes. A query tile's K and V tiles are packed once (K^T and V: 64 KiB each at D = 64)
 /// and stay in L2 while the tile's query rows go past them a strip at a time; a strip's scores
-/// (block_rows x Bc: 8 KiB) stay in L1 from the product through the bias, the max and the exp.
+/// (strip_rows x Bc: 17 KiB) stay in L1 from the product through the bias, the max and the exp.
 /// Every query row of a tile shares one packing of each key tile: at 256 rows and D = 64 packing
 /// still costs about a tenth of the products, so long sequences take tall_rows (512).
 struct tile_shape {
@@ -53,6 +54,10 @@ struct tile_shape {
   }
   index_t max_rows() const noexcept { return std::max(rows, tall_rows); }
 };
+
+/// Query rows per strip: two row blocks of the micro-kernel, so that each K^T and V panel the
+/// products read from L2 serves both from L1 (block_product's panel order).
+inline constexpr index_t strip_rows = 2 * block_rows;
 
 /// The forward's tiles: 256 x 256, 512 rows for long sequences.
 inline constexpr tile_shape forward_tiles{.rows = 256, .cols = 256, .tall_rows = 512};
@@ -75,8 +80,8 @@ template <class S>
 struct forward_scratch {
   row_matrix<S> queries;      // (Br, D): the query tile, packed
   row_matrix<S> keys;         // (D, Bc padded): the key tile, transposed
-  row_matrix<S> values;       // (Bc, Dv): the value tile, packed
-  row_matrix<S> scores;       // (block_rows, Bc padded): a strip's scores, then its probabilities
+  row_matrix<S> values;       // (Bc, Dv padded): the value tile, packed
+  row_matrix<S> scores;       // (strip_rows, Bc padded): a strip's scores, then its probabilities
   row_matrix<S> accumulator;  // (Br, Dv): unnormalised output
   Eigen::Array<S, Eigen::Dynamic, 1> row_max, row_sum;  // (Br)
 };
@@ -103,7 +108,7 @@ S add_bias_and_max(S* x, const S* bias, index_t n) {
   return result;
 }
 
-/// x = exp(x - shift) over x[0, n), in place (Eigen's vectorised exp); returns the sum.
+/// x = exp(x - shift) over x[0, n), in place (packet_exp, detail/exp.hpp); returns the sum.
 template <class S>
 S exp_shifted_sum(S* x, index_t n, S shift) {
   namespace ei = Eigen::internal;
@@ -112,7 +117,7 @@ S exp_shifted_sum(S* x, index_t n, S shift) {
   auto sum_p = ei::pset1<packet_of<S>>(S(0));
   index_t j = 0;
   for (; j + lanes <= n; j += lanes) {
-    const auto p = ei::pexp(ei::psub(ei::ploadu<packet_of<S>>(x + j), shift_p));
+    const auto p = packet_exp<S>(ei::psub(ei::ploadu<packet_of<S>>(x + j), shift_p));
     ei::pstoreu(x + j, p);
     sum_p = ei::padd(sum_p, p);
   }
@@ -251,7 +256,7 @@ void strip_values(const forward_problem<S>& pb, const batch_layout& layout, cons
   const index_t dim_v = pb.v.dim, ld = s.scores.cols();
   const S* p = s.scores.data() + columns.begin;
   if (packed) {
-    block_product<S>(n, dim_v, columns.size(), {p, ld, 1}, {s.values.data() + columns.begin * dim_v, dim_v},
+    block_product<S>(n, dim_v, columns.size(), {p, ld, 1}, {s.values.data() + columns.begin * s.values.cols(), s.values.cols()},
                      {&s.accumulator(r0, 0), dim_v}, S(1), true);
     return;
   }
@@ -321,7 +326,7 @@ void forward_strip(const forward_problem<S>& pb, const Plan& plan, const batch_l
                    index_t c0, index_t bc, index_t r0, index_t n, bool packed, forward_scratch<S>& s) {
   const sequence_positions& pos = layout.positions[tile.sequence];
   const index_t ld = s.scores.cols();
-  index_range visible[block_rows];  // n <= block_rows
+  index_range visible[strip_rows];  // n <= strip_rows
   const index_range columns = strip_visible(pos, layout.band, tile.r0 + r0, n, c0, bc, visible);
   if (columns.empty()) return;  // no row sees a key here: the online softmax state stays as it is
   strip_scores(pb, layout, tile, h, c0, columns, r0, n, packed, s);
@@ -345,10 +350,10 @@ template <class S>
 void prefetch_next_key_tile(const forward_problem<S>& pb, const batch_layout& layout, const query_tile& tile, index_t kv_head,
                             index_t c0, index_t r0) {
   constexpr index_t fetching_strips = 8;
-  const index_t next = c0 + pb.tiles.cols, strips_left = (tile.rows - r0 + block_rows - 1) / block_rows;
+  const index_t next = c0 + pb.tiles.cols, strips_left = (tile.rows - r0 + strip_rows - 1) / strip_rows;
   if (next >= tile.keys.end || strips_left > fetching_strips) return;
   const index_t next_bc = std::min(pb.tiles.cols, tile.keys.end - next);
-  const index_t fetching = std::min(fetching_strips, (tile.rows + block_rows - 1) / block_rows);
+  const index_t fetching = std::min(fetching_strips, (tile.rows + strip_rows - 1) / strip_rows);
   const index_t share = (next_bc + fetching - 1) / fetching, first = (fetching - strips_left) * share;
   const index_t count = std::min(share, next_bc - first);
   if (count <= 0) return;
@@ -379,11 +384,12 @@ void forward_query_tile(const forward_problem<S>& pb, const Plan& plan, const ba
     if (packed)
       layout.key_runs(tile.sequence, c0, bc, [&](index_t element, index_t row, index_t column, index_t count) {
         pack_transposed(pb.k.row(element, row, kv_head), pb.k.seq_stride, count, dim, s.keys.data() + column, s.keys.cols());
-        pack_rows(pb.v.row(element, row, kv_head), pb.v.seq_stride, count, dim_v, s.values.data() + column * dim_v);
+        pack_rows(pb.v.row(element, row, kv_head), pb.v.seq_stride, count, dim_v, s.values.data() + column * s.values.cols(),
+                  s.values.cols());
       });
-    for (index_t r0 = 0; r0 < br; r0 += block_rows) {
+    for (index_t r0 = 0; r0 < br; r0 += strip_rows) {
       if (packed) prefetch_next_key_tile(pb, layout, tile, kv_head, c0, r0);
-      forward_strip(pb, plan, layout, tile, h, c0, bc, r0, std::min<index_t>(block_rows, br - r0), packed, s);
+      forward_strip(pb, plan, layout, tile, h, c0, bc, r0, std::min<index_t>(strip_rows, br - r0), packed, s);
     }
   }
 
@@ -416,8 +422,8 @@ void fused_forward(const forward_problem<S>& pb, const batch_layout& layout, con
     forward_scratch<S> s;
     s.queries.resize(pb.tiles.max_rows(), pb.q.dim);
     s.keys.resize(pb.q.dim, padded_to_line<S>(pb.tiles.cols));
-    s.values.resize(pb.tiles.cols, pb.v.dim);
-    s.scores.resize(block_rows, padded_to_line<S>(pb.tiles.cols));
+    s.values.resize(pb.tiles.cols, padded_to_line<S>(pb.v.dim));
+    s.scores.resize(strip_rows, padded_to_line<S>(pb.tiles.cols));
     s.accumulator.resize(pb.tiles.max_rows(), pb.v.dim);
     s.row_max.resize(pb.tiles.max_rows());
     s.row_sum.resize(pb.tiles.max_rows());

@@ -101,15 +101,20 @@ template <class Source>
 void check_packing(index_t count, index_t dim, index_t stride, index_t ld) {
   const auto values = random_values<double>(count * stride, 6);
   const std::vector<Source> rows(values.begin(), values.end());
-  std::vector<float> transposed(std::size_t(dim * ld), -7.0f), packed(std::size_t(count * dim));
+  const index_t ld_rows = dim + 3;  // pack_rows with a leading dimension (the padded tiles) and without
+  std::vector<float> transposed(std::size_t(dim * ld), -7.0f), packed(std::size_t(count * dim)),
+      padded(std::size_t(count * ld_rows), -7.0f);
   detail::pack_transposed(rows.data(), stride, count, dim, transposed.data(), ld);
   detail::pack_rows(rows.data(), stride, count, dim, packed.data());
+  detail::pack_rows(rows.data(), stride, count, dim, padded.data(), ld_rows);
   for (index_t c = 0; c < count; ++c)
     for (index_t d = 0; d < dim; ++d) {
       const float expected = float(rows[std::size_t(c * stride + d)]);  // widened (here narrowed) element by element
       CHECK(transposed[std::size_t(d * ld + c)] == expected);
       CHECK(packed[std::size_t(c * dim + d)] == expected);
+      CHECK(padded[std::size_t(c * ld_rows + d)] == expected);
     }
+  for (index_t c = 0; c < count; ++c) CHECK(padded[std::size_t(c * ld_rows + dim)] == -7.0f);  // the padding untouched
   for (index_t d = 0; d < dim; ++d) CHECK(transposed[std::size_t(d * ld + ld - 1)] == -7.0f);  // columns past count untouched
 }
 
@@ -118,6 +123,11 @@ TEST_CASE("pack_transposed and pack_rows copy a strided tile into the micro-kern
   // float: whole register-transposed blocks, then dims and keys past the last block (AVX-512: 16)
   for (const index_t count : {3, 16, 37})
     for (const index_t dim : {5, 16, 35}) check_packing<float>(count, dim, dim + 6, 48);
-  CHECK(detail::padded_to_line<float>(17) == 32);
+  // Whole lines of 64 bytes, an odd number of them (rows spread over all L1 sets).
+  CHECK(detail::padded_to_line<float>(16) == 16);
+  CHECK(detail::padded_to_line<float>(17) == 48);
+  CHECK(detail::padded_to_line<float>(64) == 80);
+  CHECK(detail::padded_to_line<float>(256) == 272);
   CHECK(detail::padded_to_line<double>(8) == 8);
+  CHECK(detail::padded_to_line<double>(9) == 24);
 }

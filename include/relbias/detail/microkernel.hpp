@@ -102,9 +102,17 @@ inline void product_rows(strided_operand<S> a, row_block<const S> b, index_t dep
 template <class S>
 void block_product(index_t m, index_t n, index_t depth, strided_operand<S> a, row_block<const S> b, row_block<S> c, S alpha,
                    bool accumulate) {
-  index_t i = 0;
-  for (; i + block_rows <= m; i += block_rows) product_rows<block_rows>(a, b, depth, c, i, n, alpha, accumulate);
-  for (; i < m; ++i) product_rows<1>(a, b, depth, c, i, n, alpha, accumulate);
+  constexpr index_t panel = 2 * lanes_of<S>;
+  const index_t full_m = m / block_rows * block_rows, full_n = n / panel * panel;
+  // Panel by panel: one panel of B (depth x 2 packets) stays in L1 while every row block of A
+  // passes it, instead of all of B streaming from L2 for each row block.
+  for (index_t j = 0; j < full_n; j += panel)
+    for (index_t i = 0; i < full_m; i += block_rows) product_block<block_rows, 2>(a, b, depth, c, i, j, alpha, accumulate);
+  const row_block<const S> b_rest{b.data + full_n, b.ld};
+  const row_block<S> c_rest{c.data + full_n, c.ld};
+  if (full_n < n)
+    for (index_t i = 0; i < full_m; i += block_rows) product_rows<block_rows>(a, b_rest, depth, c_rest, i, n - full_n, alpha, accumulate);
+  for (index_t i = full_m; i < m; ++i) product_rows<1>(a, b, depth, c, i, n, alpha, accumulate);
 }
 
 /// The compute type's value of a stored element (float and double: the element itself).
@@ -150,11 +158,13 @@ void pack_transposed(const T* rows, index_t row_stride, index_t count, index_t d
     for (index_t c = d < full_dim ? full_count : 0; c < count; ++c) out[d * ld + c] = widen<S>(rows[c * row_stride + d]);
 }
 
-/// out (count, dim) contiguous = rows [0, count) of `rows` (count, dim): the B operand of P V.
+/// out (count, dim) with leading dimension ld (default: contiguous) = rows [0, count) of `rows`
+/// (count, dim): the B operand of P V.
 template <class S, class T>
-void pack_rows(const T* rows, index_t row_stride, index_t count, index_t dim, S* out) {
+void pack_rows(const T* rows, index_t row_stride, index_t count, index_t dim, S* out, index_t ld = 0) {
+  if (ld == 0) ld = dim;
   for (index_t c = 0; c < count; ++c)
-    for (index_t d = 0; d < dim; ++d) out[c * dim + d] = widen<S>(rows[c * row_stride + d]);
+    for (index_t d = 0; d < dim; ++d) out[c * ld + d] = widen<S>(rows[c * row_stride + d]);
 }
 
 /// Asks the caches for rows [0, count) of a (count, dim) operand, one request per 64-byte line:
@@ -166,11 +176,16 @@ void prefetch_rows(const T* rows, index_t row_stride, index_t count, index_t dim
     for (index_t d = 0; d < dim; d += per_line) Eigen::internal::prefetch(rows + c * row_stride + d);
 }
 
-/// Rounds n up to a whole number of 64-byte lines of S (leading dimensions of packed tiles).
+/// The leading dimension of a packed tile of rows of n values of S: n rounded up to a whole and
+/// odd number of 64-byte lines. A power-of-two row (256 floats: 1 KiB) puts the rows of a
+/// micro-kernel panel into a quarter of the L1 sets, where the 64 rows of a K^T panel (128
+/// lines) do not fit: each row block re-read them from L2 (rows of 64 floats: half the sets,
+/// too few for a V panel's 256 rows). An odd number of lines spreads consecutive rows over all sets.
 template <class S>
 constexpr index_t padded_to_line(index_t n) {
   constexpr index_t per_line = index_t(64 / sizeof(S));
-  return (n + per_line - 1) / per_line * per_line;
+  const index_t lines = (n + per_line - 1) / per_line;
+  return (lines % 2 == 0 ? lines + 1 : lines) * per_line;
 }
 
 }  // namespace relbias::detail
