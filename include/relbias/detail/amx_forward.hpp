@@ -153,10 +153,18 @@ struct bf16_forward_scratch {
   Eigen::Map<Eigen::RowVectorXf> accumulator_row(index_t r) { return {accumulator.data() + r * dim_v_pad, dim_v_pad}; }
 };
 
-/// One row of a strip over one key block: scale and bias into the float scores (x, relative to
+/// How far (base 2) a block's exponents may rise above the row's reference maximum before the
+/// block is redone against its own maximum: P up to 2^16 and the float sums stay far from
+/// overflow, and the accumulator is rescaled only when the maximum jumps by that much.
+inline constexpr float bf16_headroom = 16.0f;
+
+/// One row of a strip over one key block: scale and bias on the float scores (x, relative to
 /// the block's first key j0), one step of the online softmax, bf16 P over the columns `chunks`
-/// (zero where the row sees no key). Rows whose scores hold no finite maximum (every key hidden
-/// by the bias, +inf, NaN) and rows already NaN take online_softmax_row, the float kernel's rules.
+/// (zero where the row sees no key). Once the row has a finite reference maximum, one pass in
+/// registers takes the exponentials against it, their sum and P; a block whose scores rise more
+/// than bf16_headroom above it, and a row's first block, take the maximum first (a second pass).
+/// Rows whose scores hold no finite maximum (every key hidden by the bias, +inf, NaN) and rows
+/// already NaN take online_softmax_row, the float kernel's rules.
 template <class Plan, class AccumulatorRow>
 void bf16_softmax_row(const Plan& plan, float scale, index_t h, index_t i, index_t j0, index_range visible, index_range chunks,
                       float* x, std::uint16_t* p, float& row_max, float& row_sum, AccumulatorRow&& accumulator_row) {
@@ -167,29 +175,38 @@ void bf16_softmax_row(const Plan& plan, float scale, index_t h, index_t i, index
   std::fill(p + chunks.begin, p + visible.begin, std::uint16_t(0));
   std::fill(p + visible.end, p + chunks.end, std::uint16_t(0));
   float* row = x + visible.begin;
+  std::uint16_t* out = p + visible.begin;
   const index_t n = visible.size();
-  float tile_max;
-  if constexpr (std::same_as<Plan, empty_plan<float>>) {
-    tile_max = amx::scale_bias_max(row, n, scale, nullptr);
-  } else if (const float* bias = plan_row<float>(plan, h, i, j0 + visible.begin)) {
-    tile_max = amx::scale_bias_max(row, n, scale, bias);
-  } else {  // FIRE's plan, a policy's own: it adds to scaled scores
-    amx::scale_bias_max(row, n, scale, nullptr);
-    plan.add_row(h, i, j0 + visible.begin, n, row);
-    tile_max = amx::scale_bias_max(row, n, 1.0f, nullptr);
+  const float* bias = nullptr;
+  if constexpr (!std::same_as<Plan, empty_plan<float>>) {
+    bias = plan_row<float>(plan, h, i, j0 + visible.begin);
+    if (!bias) {  // FIRE's plan, a policy's own: it adds to scaled scores, in place
+      amx::scale_bias_max(row, n, scale, nullptr);
+      plan.add_row(h, i, j0 + visible.begin, n, row);
+      scale = 1.0f;
+    }
   }
+  if (std::isfinite(row_max)) {
+    const amx::exp_row e = amx::exp_to_bf16(row, n, scale, bias, row_max, out);
+    if (e.top <= bf16_headroom) {  // false for NaN: the pass below decides
+      row_sum += e.sum;
+      return;
+    }
+  }
+  const float tile_max = amx::scaled_max(row, n, scale, bias);
   if (std::isfinite(tile_max) && !std::isnan(row_max)) {
-    if (tile_max > row_max) {  // a new maximum: rescale what the row holds (no exp call while the maximum stands)
+    if (tile_max > row_max) {  // a new reference: rescale what the row holds
       const float rescale = row_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(row_max - tile_max);
       accumulator_row *= rescale;
       row_sum *= rescale;
       row_max = tile_max;
     }
-    row_sum += amx::exp_to_bf16(row, n, row_max, p + visible.begin);
+    row_sum += amx::exp_to_bf16(row, n, scale, bias, row_max, out).sum;
     return;
   }
+  amx::scale_bias_max(row, n, scale, bias);
   online_softmax_row(row, n, n, row_max, row_sum, accumulator_row);
-  for (index_t c = 0; c < n; ++c) p[visible.begin + c] = bf16_bits(row[c]);
+  for (index_t c = 0; c < n; ++c) out[c] = bf16_bits(row[c]);
 }
 
 /// Rows [r0, r0 + rows) of one strip (rows <= 32) of the item against the key block at column
