@@ -293,10 +293,9 @@ inline constexpr double forward_exp_error = 1e-4;
 /// 2^t in 16 lanes: t = floor(t) + f, f in [0, 1) by vreduceps, 2^f by a cubic fitted for least
 /// maximum relative error with the constant term 1 (8.6e-5 in float evaluation: P is rounded to
 /// bf16, 2^-9 relative, right after, so more digits would be lost there; the row sum and lse
-/// see 8.6e-5, in the bound), times 2^floor(t) by vscalefps. Exactly 1 at t = 0, 0 below -200
-/// and at -inf, NaN for NaN (vmaxps returns its second operand when one is NaN).
+/// see 8.6e-5, in the bound), times 2^floor(t) by vscalefps. Exactly 1 at t = 0, 0 below -150
+/// and at -inf (vreduceps gives f = 0 there, vscalefps 0: no clamp needed), NaN for NaN (tested).
 __attribute__((target("avx512f,avx512dq"))) inline __m512 exp2_16(__m512 t) noexcept {
-  t = _mm512_max_ps(_mm512_set1_ps(-200.0f), t);
   const __m512 f = _mm512_reduce_ps(t, 0x09);  // imm: keep 0 fraction bits, round down, no precision exception
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.07706724107265472f), f, _mm512_set1_ps(0.22764497995376587f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6951166391372681f));
@@ -404,6 +403,35 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void to_b
   }
 }
 
+/// One 16-key block of pack_keys (amx_forward.hpp): lane n of pair row kk (64 bytes at out +
+/// 32 kk) gets the 32-bit pair (dimensions 2kk, 2kk + 1) of key n, for kk < pairs and n < count
+/// (count <= 16, rows `stride` elements apart; the other lanes are written as zeros). One gather
+/// per pair row, instead of 16 scalar copies into 16 cache lines.
+__attribute__((target("avx512f"))) inline void pack_key_block(const std::uint16_t* rows, std::ptrdiff_t stride, std::ptrdiff_t count,
+                                                              std::ptrdiff_t pairs, std::uint16_t* out) noexcept {
+  const __mmask16 lanes = first_lanes(std::min<std::ptrdiff_t>(count, 16));
+  const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                             _mm512_set1_epi32(int(stride)));  // in bf16 elements: scale 2
+  for (std::ptrdiff_t kk = 0; kk < pairs; ++kk)
+    _mm512_storeu_si512(out + 32 * kk, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, offsets, rows + 2 * kk, 2));
+}
+
+/// One pair row of pack_values: out[2n] = even[n], out[2n + 1] = odd[n] (odd null: 0) for
+/// n < columns, 16 columns per store (so out holds a multiple of 32 elements past 2 columns;
+/// lanes past `columns` are written as zeros).
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void pack_value_pair(const std::uint16_t* even, const std::uint16_t* odd,
+                                                                                std::ptrdiff_t columns, std::uint16_t* out) noexcept {
+  alignas(64) static constexpr std::uint16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                          8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(order);
+  for (std::ptrdiff_t n = 0; n < columns; n += 16) {
+    const __mmask16 lanes = columns - n >= 16 ? __mmask16(0xffff) : first_lanes(columns - n);
+    const __m256i low = _mm256_maskz_loadu_epi16(lanes, even + n);
+    const __m256i high = odd ? _mm256_maskz_loadu_epi16(lanes, odd + n) : _mm256_setzero_si256();
+    _mm512_storeu_si512(out + 2 * n, _mm512_permutexvar_epi16(interleave, _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1)));
+  }
+}
+
 /// The tile units' peak, for the benchmarks (bench/peak.hpp): `rounds` rounds of 4 independent
 /// tdpbf16ps on tiles loaded once (16 x 16 x 32 multiply-adds each, no memory traffic); returns
 /// the FLOPs done. Needs configure() on this thread first.
@@ -450,6 +478,8 @@ struct exp_row {
 inline float scaled_max(const float*, std::ptrdiff_t, float, const float*) noexcept { return 0.0f; }
 inline exp_row exp_to_bf16(const float*, std::ptrdiff_t, float, const float*, float, std::uint16_t*) noexcept { return {0.0f, 0.0f}; }
 inline double tile_product_rounds(long) noexcept { return 0.0; }
+inline void pack_key_block(const std::uint16_t*, std::ptrdiff_t, std::ptrdiff_t, std::ptrdiff_t, std::uint16_t*) noexcept {}
+inline void pack_value_pair(const std::uint16_t*, const std::uint16_t*, std::ptrdiff_t, std::uint16_t*) noexcept {}
 inline void probabilities_and_gradient(float*, float*, std::ptrdiff_t, float, const float*, float, float) noexcept {}
 inline void to_bf16_pairs(const float*, const float*, std::ptrdiff_t, std::uint16_t*, std::uint16_t* = nullptr,
                           std::uint16_t* = nullptr) noexcept {}

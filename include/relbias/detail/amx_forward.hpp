@@ -94,25 +94,28 @@ struct bf16_packed_kv {
 
 /// count key rows (seq_stride apart, dim each) into `out` (zeros, 16 * dim_pad per 16 keys): key
 /// n of a 16-key block, dimensions 2kk and 2kk + 1 (one 32-bit pair), go to pair row kk, lane n.
+/// AVX-512 (amx::pack_key_block): it runs on the AMX paths only.
 inline void pack_keys(const Eigen::bfloat16* rows, index_t seq_stride, index_t count, index_t dim, index_t dim_pad, std::uint16_t* out) {
-  for (index_t r = 0; r < count; ++r) {
-    const Eigen::bfloat16* row = rows + r * seq_stride;
-    std::uint16_t* lane = out + (r / 16) * 16 * dim_pad + (r % 16) * 2;
-    for (index_t kk = 0; kk < dim / 2; ++kk) std::memcpy(lane + kk * 32, row + 2 * kk, 4);
-    if (dim % 2) lane[(dim / 2) * 32] = bf16_bits(row[dim - 1]);
+  const auto* bits = reinterpret_cast<const std::uint16_t*>(rows);  // Eigen::bfloat16 is its 16 bits (standard layout)
+  for (index_t r = 0; r < count; r += 16) {
+    std::uint16_t* block = out + r * dim_pad;
+    amx::pack_key_block(bits + r * seq_stride, seq_stride, count - r, dim / 2, block);
+    if (dim % 2)  // the last dimension alone in its pair
+      for (index_t n = r; n < std::min(count, r + 16); ++n) block[(dim / 2) * 32 + (n - r) * 2] = bits[n * seq_stride + dim - 1];
   }
 }
 
-/// count value rows into `out` (zeros, 32 * dim_v_pad per 32 keys): keys 2m and 2m + 1 of a
-/// 32-key chunk become pair row m, their column n the pair (v[2m][n], v[2m + 1][n]).
+/// count value rows into `out` (zeros, 32 * dim_v_pad per 32 keys; dim_v_pad a multiple of 16):
+/// keys 2m and 2m + 1 of a 32-key chunk become pair row m, their column n the pair
+/// (v[2m][n], v[2m + 1][n]). AVX-512 (amx::pack_value_pair): on the AMX paths only.
 inline void pack_values(const Eigen::bfloat16* rows, index_t seq_stride, index_t count, index_t dim_v, index_t dim_v_pad,
                         std::uint16_t* out) {
+  RELBIAS_ASSERT(dim_v_pad % 16 == 0 && dim_v <= dim_v_pad);
+  const auto* bits = reinterpret_cast<const std::uint16_t*>(rows);
   for (index_t r = 0; r < count; r += 2) {
-    const Eigen::bfloat16* even = rows + r * seq_stride;
-    std::uint16_t* pair = out + (r / 32) * 32 * dim_v_pad + ((r % 32) / 2) * 2 * dim_v_pad;
-    for (index_t n = 0; n < dim_v; ++n) pair[2 * n] = bf16_bits(even[n]);
-    if (r + 1 < count)
-      for (index_t n = 0; n < dim_v; ++n) pair[2 * n + 1] = bf16_bits(even[seq_stride + n]);
+    const std::uint16_t* even = bits + r * seq_stride;
+    amx::pack_value_pair(even, r + 1 < count ? even + seq_stride : nullptr, dim_v,
+                         out + (r / 32) * 32 * dim_v_pad + ((r % 32) / 2) * 2 * dim_v_pad);
   }
 }
 
