@@ -303,13 +303,6 @@ __attribute__((target("avx512f,avx512dq"))) inline __m512 exp2_16(__m512 t) noex
   return _mm512_scalef_ps(p, t);  // p 2^floor(t)
 }
 
-/// What exp_to_bf16 returns: the float sum of the unrounded exponentials, in a fixed order, and
-/// the largest exponent t (base 2) it met (-inf for none; a NaN may be dropped).
-struct exp_row {
-  float sum;
-  float top;
-};
-
 /// The base-2 exponent of 16 scores x: (x s + bias) log2 e + shift with a bias, x s + shift
 /// without (s then holds scale log2 e), shift = -(row maximum) log2 e.
 template <bool WithBias>
@@ -322,21 +315,21 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16"))) inline 
 
 /// The forward's softmax pass over one row of a score block, in registers (x is not written):
 /// y = x[c] scale + bias[c], t = (y - shift) log2 e, out[c] = bf16(2^t) rounded to nearest even
-/// (vcvtne2ps2bf16), for c < n. bias is not read without WithBias.
+/// (vcvtne2ps2bf16), for c < n; returns the float sum of the unrounded 2^t. bias is not read
+/// without WithBias.
 template <bool WithBias>
-__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16"))) inline exp_row exp_to_bf16_impl(const float* x, std::ptrdiff_t n,
-                                                                                                       float scale, const float* bias,
-                                                                                                       float shift, std::uint16_t* out) noexcept {
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16"))) inline float exp_to_bf16_impl(const float* x, std::ptrdiff_t n,
+                                                                                                     float scale, const float* bias,
+                                                                                                     float shift, std::uint16_t* out) noexcept {
   constexpr float log2e = 1.44269504088896341f;
   // Without a bias, scale and log2 e fold into one multiplier: one FMA per lane before exp2.
   const __m512 s = _mm512_set1_ps(WithBias ? scale : scale * log2e), sh = _mm512_set1_ps(-shift * log2e);
   const __mmask16 all = 0xffff;
-  __m512 sum = _mm512_setzero_ps(), top = _mm512_set1_ps(-__builtin_inff());
+  __m512 sum = _mm512_setzero_ps();
   std::ptrdiff_t c = 0;
   for (; c + 32 <= n; c += 32) {  // two packets, one conversion of both
     const __m512 t0 = exponent16<WithBias>(_mm512_loadu_ps(x + c), bias + c, all, s, sh);
     const __m512 t1 = exponent16<WithBias>(_mm512_loadu_ps(x + c + 16), bias + c + 16, all, s, sh);
-    top = _mm512_max_ps(top, _mm512_max_ps(t0, t1));
     const __m512 e0 = exp2_16(t0), e1 = exp2_16(t1);
     sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
     const __m512bh rounded = _mm512_cvtne2ps_pbh(e1, e0);
@@ -345,7 +338,6 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16"))) inline 
   for (; c < n; c += 16) {  // one packet, the last one masked
     const __mmask16 lanes = n - c >= 16 ? all : first_lanes(n - c);
     const __m512 t = exponent16<WithBias>(_mm512_maskz_loadu_ps(lanes, x + c), bias + c, lanes, s, sh);
-    top = _mm512_mask_max_ps(top, lanes, top, t);
     const __m512 e = _mm512_maskz_mov_ps(lanes, exp2_16(t));
     sum = _mm512_add_ps(sum, e);
     const __m256bh rounded = _mm512_cvtneps_pbh(e);
@@ -353,13 +345,13 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16"))) inline 
     std::memcpy(&bits, &rounded, sizeof(bits));
     _mm256_mask_storeu_epi16(out + c, lanes, bits);
   }
-  return {_mm512_reduce_add_ps(sum), _mm512_reduce_max_ps(top)};
+  return _mm512_reduce_add_ps(sum);
 }
 
-/// exp(x[c] scale + bias[c] - shift) (bias null: 0) for c < n, rounded to bf16 into out, with
-/// their float sum and the largest exponent (exp_to_bf16_impl); shift is the row's running
-/// maximum or a reference below it (the caller checks `top`).
-inline exp_row exp_to_bf16(const float* x, std::ptrdiff_t n, float scale, const float* bias, float shift, std::uint16_t* out) noexcept {
+/// exp(x[c] scale + bias[c] - shift) (bias null: 0) for c < n, rounded to bf16 into out; returns
+/// their float sum (unrounded, in a fixed order). shift is the row's running maximum or a
+/// reference below it (the caller checks the sum).
+inline float exp_to_bf16(const float* x, std::ptrdiff_t n, float scale, const float* bias, float shift, std::uint16_t* out) noexcept {
   // Without a bias, x stands in for it: never read, but no offset is ever added to a null pointer.
   return bias ? exp_to_bf16_impl<true>(x, n, scale, bias, shift, out) : exp_to_bf16_impl<false>(x, n, scale, x, shift, out);
 }
@@ -471,12 +463,8 @@ inline void values(const std::uint16_t*, std::ptrdiff_t, const std::uint16_t*, s
                    std::ptrdiff_t, int, float*, std::ptrdiff_t) noexcept {}
 inline float scale_bias_max(float*, std::ptrdiff_t, float, const float*) noexcept { return 0.0f; }
 inline constexpr double forward_exp_error = 1e-4;
-struct exp_row {
-  float sum;
-  float top;
-};
 inline float scaled_max(const float*, std::ptrdiff_t, float, const float*) noexcept { return 0.0f; }
-inline exp_row exp_to_bf16(const float*, std::ptrdiff_t, float, const float*, float, std::uint16_t*) noexcept { return {0.0f, 0.0f}; }
+inline float exp_to_bf16(const float*, std::ptrdiff_t, float, const float*, float, std::uint16_t*) noexcept { return 0.0f; }
 inline double tile_product_rounds(long) noexcept { return 0.0; }
 inline void pack_key_block(const std::uint16_t*, std::ptrdiff_t, std::ptrdiff_t, std::ptrdiff_t, std::uint16_t*) noexcept {}
 inline void pack_value_pair(const std::uint16_t*, const std::uint16_t*, std::ptrdiff_t, std::uint16_t*) noexcept {}

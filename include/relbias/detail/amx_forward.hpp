@@ -156,16 +156,17 @@ struct bf16_forward_scratch {
   Eigen::Map<Eigen::RowVectorXf> accumulator_row(index_t r) { return {accumulator.data() + r * dim_v_pad, dim_v_pad}; }
 };
 
-/// How far (base 2) a block's exponents may rise above the row's reference maximum before the
-/// block is redone against its own maximum: P up to 2^16 and the float sums stay far from
-/// overflow, and the accumulator is rescaled only when the maximum jumps by that much.
-inline constexpr float bf16_headroom = 16.0f;
+/// The largest sum of one block's exponentials against the row's reference maximum that is
+/// kept: every P is then at most 2^16 and the float sums stay far from overflow. A larger sum
+/// (or NaN, +inf) redoes the block against its own maximum, so the accumulator is rescaled only
+/// when the maximum rises that much (by at least 16 ln 2 - ln(block) for one key, 16 ln 2 for all).
+inline constexpr float bf16_headroom = 65536.0f;
 
 /// One row of a strip over one key block: scale and bias on the float scores (x, relative to
 /// the block's first key j0), one step of the online softmax, bf16 P over the columns `chunks`
 /// (zero where the row sees no key). Once the row has a finite reference maximum, one pass in
-/// registers takes the exponentials against it, their sum and P; a block whose scores rise more
-/// than bf16_headroom above it, and a row's first block, take the maximum first (a second pass).
+/// registers takes the exponentials against it, their sum and P; a block whose sum exceeds
+/// bf16_headroom, and a row's first block, take the maximum first (a second pass).
 /// Rows whose scores hold no finite maximum (every key hidden by the bias, +inf, NaN) and rows
 /// already NaN take online_softmax_row, the float kernel's rules.
 template <class Plan, class AccumulatorRow>
@@ -190,9 +191,9 @@ void bf16_softmax_row(const Plan& plan, float scale, index_t h, index_t i, index
     }
   }
   if (std::isfinite(row_max)) {
-    const amx::exp_row e = amx::exp_to_bf16(row, n, scale, bias, row_max, out);
-    if (e.top <= bf16_headroom) {  // false for NaN: the pass below decides
-      row_sum += e.sum;
+    const float sum = amx::exp_to_bf16(row, n, scale, bias, row_max, out);
+    if (sum <= bf16_headroom) {  // false for NaN: the pass below decides
+      row_sum += sum;
       return;
     }
   }
@@ -204,7 +205,7 @@ void bf16_softmax_row(const Plan& plan, float scale, index_t h, index_t i, index
       row_sum *= rescale;
       row_max = tile_max;
     }
-    row_sum += amx::exp_to_bf16(row, n, scale, bias, row_max, out).sum;
+    row_sum += amx::exp_to_bf16(row, n, scale, bias, row_max, out);
     return;
   }
   amx::scale_bias_max(row, n, scale, bias);
