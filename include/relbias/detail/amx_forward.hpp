@@ -257,9 +257,16 @@ void bf16_forward_item(const bf16_forward_problem<Q>& pb, const bf16_packed_kv& 
   const std::uint16_t* keys = packed.keys_of(tile.sequence, pb.k.heads, kv_head);
   const std::uint16_t* values = packed.values_of(tile.sequence, pb.k.heads, kv_head);
 
+  // The key blocks from the one holding the tile's diagonal (key position = the first query's
+  // position) to the end, then from the start: a distance bias (ALiBi, T5, KERPLE) is largest
+  // there, so the rows' first reference maximum is about their maximum and later blocks seldom
+  // exceed bf16_headroom (in key order, ALiBi's maximum rose at every block: a redo each time).
+  const index_t first = tile.keys.begin / bf16_key_chunk * bf16_key_chunk, blocks = (tile.keys.end - first + bf16_key_block - 1) / bf16_key_block;
+  const index_t diagonal = query_position(seq.q_start, tile.r0) - seq.k_start;
+  const index_t start = blocks > 0 ? (std::clamp(diagonal, first, tile.keys.end - 1) - first) / bf16_key_block : 0;
   amx::configure();
-  for (index_t c0 = tile.keys.begin / bf16_key_chunk * bf16_key_chunk; c0 < tile.keys.end; c0 += bf16_key_block) {
-    const index_t bc = std::min(bf16_key_block, seq.k_length - c0);
+  for (index_t m = 0; m < blocks; ++m) {
+    const index_t c0 = first + (start + m) % blocks * bf16_key_block, bc = std::min(bf16_key_block, seq.k_length - c0);
     for (index_t r0 = 0; r0 < br; r0 += bf16_strip_rows)
       bf16_forward_strip(pb, packed, plan, band, seq, tile, h, c0, bc, r0, std::min(bf16_strip_rows, br - r0), keys, values, s);
   }
