@@ -41,6 +41,11 @@ inline constexpr index_t bf16_strip_rows = 32;  // rows per tile product (two 16
 inline constexpr index_t bf16_key_block = 256;  // keys per block: a strip's float scores (32 KiB) and bf16 P
 inline constexpr index_t bf16_key_chunk = 32;   // keys per tile step (two 16-key B tiles; the depth of P V)
 
+// Row strides of the scores and P buffers: one cache line past the block, so that the 32 rows
+// of a strip do not map to the same few L1 sets (1 KiB apart, every fourth row would share a
+// set); P's rows stay on 64-byte boundaries (tile loads).
+inline constexpr index_t bf16_score_stride = bf16_key_block + 16, bf16_p_stride = bf16_key_block + 32;
+
 constexpr index_t round_up(index_t n, index_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 /// Allocates on 64-byte boundaries, whatever Eigen's alignment in this build: a tile row that
@@ -148,8 +153,8 @@ bf16_packed_kv pack_kv(const bf16_forward_problem<Q>& pb, const batch_layout& la
 struct bf16_forward_scratch {
   index_t dim_v_pad;
   line_vector<std::uint16_t> q;    // (bf16_tile_rows, dim_pad): the item's queries in bf16
-  line_vector<float> scores;       // (bf16_strip_rows, bf16_key_block)
-  line_vector<std::uint16_t> p;    // (bf16_strip_rows, bf16_key_block): P in bf16
+  line_vector<float> scores;       // (bf16_strip_rows, bf16_score_stride)
+  line_vector<std::uint16_t> p;    // (bf16_strip_rows, bf16_p_stride): P in bf16
   line_vector<float> accumulator;  // (bf16_tile_rows, dim_v_pad)
   Eigen::ArrayXf row_max, row_sum;  // (bf16_tile_rows)
 
@@ -219,7 +224,7 @@ template <class Q, class Plan>
 void bf16_forward_strip(const bf16_forward_problem<Q>& pb, const bf16_packed_kv& packed, const Plan& plan, const offset_band& band,
                         const sequence& seq, const query_tile& tile, index_t h, index_t c0, index_t bc, index_t r0, index_t rows,
                         const std::uint16_t* keys, const std::uint16_t* values, bf16_forward_scratch& s) {
-  constexpr index_t ld = bf16_key_block;
+  constexpr index_t ld = bf16_score_stride, ldp = bf16_p_stride;
   const index_t j0 = key_position(seq.k_start, c0), first_i = query_position(seq.q_start, tile.r0 + r0);
   const index_range columns{band.visible_keys(first_i, j0, bc).begin, band.visible_keys(first_i + rows - 1, j0, bc).end};
   if (columns.empty()) return;
@@ -229,13 +234,13 @@ void bf16_forward_strip(const bf16_forward_problem<Q>& pb, const bf16_packed_kv&
               chunk_count, s.scores.data() + chunks.begin, ld);
   for (index_t r = 0; r < rows; ++r) {
     const index_t i = first_i + r;
-    bf16_softmax_row(plan, pb.scale, h, i, j0, band.visible_keys(i, j0, bc), chunks, s.scores.data() + r * ld, s.p.data() + r * ld,
+    bf16_softmax_row(plan, pb.scale, h, i, j0, band.visible_keys(i, j0, bc), chunks, s.scores.data() + r * ld, s.p.data() + r * ldp,
                      s.row_max[r0 + r], s.row_sum[r0 + r], s.accumulator_row(r0 + r));
   }
   const int halves = rows > 16 ? 2 : 1;
   for (index_t r = rows; r < 16 * halves; ++r)  // padding rows of the tile product: P = 0
-    std::fill(s.p.data() + r * ld + chunks.begin, s.p.data() + r * ld + chunks.end, std::uint16_t(0));
-  amx::values(s.p.data() + chunks.begin, ld, values + (c0 + chunks.begin) * packed.dim_v_pad, packed.dim_v_pad / 16, 0,
+    std::fill(s.p.data() + r * ldp + chunks.begin, s.p.data() + r * ldp + chunks.end, std::uint16_t(0));
+  amx::values(s.p.data() + chunks.begin, ldp, values + (c0 + chunks.begin) * packed.dim_v_pad, packed.dim_v_pad / 16, 0,
               packed.dim_v_pad / 16, chunk_count, halves,
               s.accumulator.data() + r0 * s.dim_v_pad, s.dim_v_pad);
 }
@@ -289,8 +294,8 @@ void bf16_fused_forward(const bf16_forward_problem<Q>& pb, const batch_layout& l
   auto make_scratch = [&] {
     bf16_forward_scratch s{packed.dim_v_pad,
                            line_vector<std::uint16_t>(std::size_t(bf16_tile_rows * packed.dim_pad)),
-                           line_vector<float>(std::size_t(bf16_strip_rows * bf16_key_block)),
-                           line_vector<std::uint16_t>(std::size_t(bf16_strip_rows * bf16_key_block)),
+                           line_vector<float>(std::size_t(bf16_strip_rows * bf16_score_stride)),
+                           line_vector<std::uint16_t>(std::size_t(bf16_strip_rows * bf16_p_stride)),
                            line_vector<float>(std::size_t(bf16_tile_rows * packed.dim_v_pad)), Eigen::ArrayXf(bf16_tile_rows),
                            Eigen::ArrayXf(bf16_tile_rows)};
     return s;
