@@ -4,7 +4,7 @@
 // accumulation (detail/amx.hpp), everything else in float as in attention.hpp:
 //
 //   S = Q K^T (bf16 x bf16 -> float),  scale, bias, masks, online softmax, lse in float,
-//   O += bf16(P) V (float accumulator),  P = exp(S - running max) rounded to nearest bf16.
+//   O += bf16(P) V (float accumulator),  P = exp(S - reference max) rounded to nearest bf16.
 //
 // As FlashAttention does on GPUs; the row sum of the softmax is the float sum of the unrounded
 // P, so O's error from rounding P is at most 2^-8 max |v| (docs/storage.md gives the bound).
@@ -14,11 +14,12 @@
 // (amx.hpp): keys in 16-key blocks of (D/2) pair rows, values in 32-key chunks of 16 pair rows,
 // zero-padded to 32 keys, D to a multiple of 32 and Dv of 16, so that no tile ever reads past a
 // sequence or needs a second configuration. A work item is (sequence, query head, 128 query rows),
-// four strips of 32 rows, and walks the key blocks of 256 keys its rows see: per strip and block,
-// one call computes the scores into an L1 buffer, a row pass adds scale and bias and finds the
-// maximum, a second takes the exponentials, their sum and the bf16 P, and one call adds P V to
-// the strip's float accumulator. Each item's arithmetic depends on the item alone: same inputs
-// and CPU, same bits, whatever the thread count.
+// four strips of 32 rows, and walks the key blocks of 256 keys its rows see, from the block of
+// its diagonal on: per strip and block, one call computes the scores into an L1 buffer, one row
+// pass in registers adds scale and bias and takes the exponentials (against the row's reference
+// maximum), their sum and the bf16 P (bf16_softmax_row says when it takes a second), and one
+// call adds P V to the strip's float accumulator. Each item's arithmetic depends on the item
+// alone: same inputs and CPU, same bits, whatever the thread count.
 
 #include "relbias/attention.hpp"
 #include "relbias/detail/amx.hpp"
@@ -164,7 +165,8 @@ struct bf16_forward_scratch {
 /// The largest sum of one block's exponentials against the row's reference maximum that is
 /// kept: every P is then at most 2^16 and the float sums stay far from overflow. A larger sum
 /// (or NaN, +inf) redoes the block against its own maximum, so the accumulator is rescaled only
-/// when the maximum rises that much (by at least 16 ln 2 - ln(block) for one key, 16 ln 2 for all).
+/// when the maximum rises that much: always past 16 ln 2 above the reference, never while every
+/// score of a 256-key block stays within 8 ln 2 of it.
 inline constexpr float bf16_headroom = 65536.0f;
 
 /// One row of a strip over one key block: scale and bias on the float scores (x, relative to
