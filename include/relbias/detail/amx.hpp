@@ -397,15 +397,19 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void to_b
 
 /// One 16-key block of pack_keys (amx_forward.hpp): lane n of pair row kk (64 bytes at out +
 /// 32 kk) gets the 32-bit pair (dimensions 2kk, 2kk + 1) of key n, for kk < pairs and n < count
-/// (count <= 16, rows `stride` elements apart; the other lanes are written as zeros). One gather
-/// per pair row, instead of 16 scalar copies into 16 cache lines.
-__attribute__((target("avx512f"))) inline void pack_key_block(const std::uint16_t* rows, std::ptrdiff_t stride, std::ptrdiff_t count,
+/// (count <= 16, rows `stride` elements apart; the other lanes are written as zeros). Two gathers
+/// of 8 keys per pair row (64-bit offsets: any stride), instead of 16 scalar copies into 16 lines.
+__attribute__((target("avx512f,avx512dq"))) inline void pack_key_block(const std::uint16_t* rows, std::ptrdiff_t stride, std::ptrdiff_t count,
                                                               std::ptrdiff_t pairs, std::uint16_t* out) noexcept {
-  const __mmask16 lanes = first_lanes(std::min<std::ptrdiff_t>(count, 16));
-  const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                             _mm512_set1_epi32(int(stride)));  // in bf16 elements: scale 2
-  for (std::ptrdiff_t kk = 0; kk < pairs; ++kk)
-    _mm512_storeu_si512(out + 32 * kk, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), lanes, offsets, rows + 2 * kk, 2));
+  const unsigned lanes = first_lanes(std::min<std::ptrdiff_t>(count, 16));
+  const __mmask8 low = __mmask8(lanes & 0xffu), high = __mmask8(lanes >> 8);
+  const __m512i first = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(stride));  // in bf16 elements: scale 2
+  const __m512i second = _mm512_add_epi64(first, _mm512_set1_epi64(8 * stride));
+  for (std::ptrdiff_t kk = 0; kk < pairs; ++kk) {
+    const __m256i a = _mm512_mask_i64gather_epi32(_mm256_setzero_si256(), low, first, rows + 2 * kk, 2);
+    const __m256i b = _mm512_mask_i64gather_epi32(_mm256_setzero_si256(), high, second, rows + 2 * kk, 2);
+    _mm512_storeu_si512(out + 32 * kk, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+  }
 }
 
 /// One pair row of pack_values: out[2n] = even[n], out[2n + 1] = odd[n] (odd null: 0) for
