@@ -292,7 +292,7 @@ inline constexpr double forward_exp_error = 1e-4;
 
 /// 2^t in 16 lanes: t = floor(t) + f, f in [0, 1) by vreduceps, 2^f by a cubic fitted for least
 /// maximum relative error with the constant term 1 (8.6e-5 in float evaluation: P is rounded to
-/// bf16, 2^-9 relative, right after, so more digits would be lost there; the row sum and lse
+/// bf16, u = 2^-8 relative, right after, so more digits would be lost there; the row sum and lse
 /// see 8.6e-5, in the bound), times 2^floor(t) by vscalefps. Exactly 1 at t = 0, 0 below -150
 /// and at -inf (vreduceps gives f = 0 there, vscalefps 0: no clamp needed), NaN for NaN (tested).
 __attribute__((target("avx512f,avx512dq"))) inline __m512 exp2_16(__m512 t) noexcept {
@@ -413,8 +413,8 @@ __attribute__((target("avx512f,avx512dq"))) inline void pack_key_block(const std
 }
 
 /// One pair row of pack_values: out[2n] = even[n], out[2n + 1] = odd[n] (odd null: 0) for
-/// n < columns, 16 columns per store (so out holds a multiple of 32 elements past 2 columns;
-/// lanes past `columns` are written as zeros).
+/// n < columns, 16 columns (32 elements) per store: out must hold 2 columns rounded up to 16,
+/// and gets zeros past 2 columns.
 __attribute__((target("avx512f,avx512bw,avx512vl"))) inline void pack_value_pair(const std::uint16_t* even, const std::uint16_t* odd,
                                                                                 std::ptrdiff_t columns, std::uint16_t* out) noexcept {
   alignas(64) static constexpr std::uint16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
