@@ -271,29 +271,74 @@ __attribute__((target("avx512f"))) inline __m512 exp16(__m512 x) noexcept {
   return _mm512_scalef_ps(p, n);
 }
 
-/// out[c] = bf16(exp(x[c] - shift)) for c < n, rounded to nearest even (vcvtneps2bf16); returns
-/// the float sum of the unrounded exponentials, in a fixed order.
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline float exp_to_bf16(const float* x, std::ptrdiff_t n, float shift,
-                                                                                        std::uint16_t* out) noexcept {
-  const __m512 sh = _mm512_set1_ps(shift);
+/// max over c < n of x[c] * scale + bias[c] (bias null: 0), without storing it (-inf for n =
+/// 0); a NaN may be dropped, as in scale_bias_max.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline float scaled_max(const float* x, std::ptrdiff_t n, float scale,
+                                                                             const float* bias) noexcept {
+  const __m512 s = _mm512_set1_ps(scale);
+  __m512 m = _mm512_set1_ps(-__builtin_inff());
+  for (std::ptrdiff_t c = 0; c < n; c += 16) {
+    const __mmask16 lanes = n - c >= 16 ? __mmask16(0xffff) : first_lanes(n - c);
+    const __m512 raw = _mm512_maskz_loadu_ps(lanes, x + c);
+    const __m512 y = bias ? _mm512_fmadd_ps(raw, s, _mm512_maskz_loadu_ps(lanes, bias + c)) : _mm512_mul_ps(raw, s);
+    m = _mm512_mask_max_ps(m, lanes, m, y);
+  }
+  return _mm512_reduce_max_ps(m);
+}
+
+/// The forward's exp error bound: exp2_16 below is within this relative error of 2^t (tested),
+/// the e of the accuracy bound in docs/storage.md.
+inline constexpr double forward_exp_error = 1e-4;
+
+/// 2^t in 16 lanes: t = floor(t) + f, f in [0, 1) by vreduceps, 2^f by a cubic fitted for least
+/// maximum relative error with the constant term 1 (8.6e-5 in float evaluation: P is rounded to
+/// bf16, u = 2^-8 relative, right after, so more digits would be lost there; the row sum and lse
+/// see 8.6e-5, in the bound), times 2^floor(t) by vscalefps. Exactly 1 at t = 0, 0 below -150
+/// and at -inf (vreduceps gives f = 0 there, vscalefps 0: no clamp needed), NaN for NaN (tested).
+__attribute__((target("avx512f,avx512dq"))) inline __m512 exp2_16(__m512 t) noexcept {
+  const __m512 f = _mm512_reduce_ps(t, 0x09);  // imm: keep 0 fraction bits, round down, no precision exception
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.07706724107265472f), f, _mm512_set1_ps(0.22764497995376587f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6951166391372681f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, t);  // p 2^floor(t)
+}
+
+/// The base-2 exponent of 16 scores x: (x s + bias) log2 e + shift with a bias, x s + shift
+/// without (s then holds scale log2 e), shift = -(row maximum) log2 e.
+template <bool WithBias>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16"))) inline __m512 exponent16(__m512 x, const float* bias,
+                                                                                                 __mmask16 lanes, __m512 s, __m512 shift) noexcept {
+  constexpr float log2e = 1.44269504088896341f;
+  if constexpr (WithBias) return _mm512_fmadd_ps(_mm512_fmadd_ps(x, s, _mm512_maskz_loadu_ps(lanes, bias)), _mm512_set1_ps(log2e), shift);
+  else return _mm512_fmadd_ps(x, s, shift);
+}
+
+/// The forward's softmax pass over one row of a score block, in registers (x is not written):
+/// y = x[c] scale + bias[c], t = (y - shift) log2 e, out[c] = bf16(2^t) rounded to nearest even
+/// (vcvtne2ps2bf16), for c < n; returns the float sum of the unrounded 2^t. bias is not read
+/// without WithBias.
+template <bool WithBias>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512bf16"))) inline float exp_to_bf16_impl(const float* x, std::ptrdiff_t n,
+                                                                                                     float scale, const float* bias,
+                                                                                                     float shift, std::uint16_t* out) noexcept {
+  constexpr float log2e = 1.44269504088896341f;
+  // Without a bias, scale and log2 e fold into one multiplier: one FMA per lane before exp2.
+  const __m512 s = _mm512_set1_ps(WithBias ? scale : scale * log2e), sh = _mm512_set1_ps(-shift * log2e);
+  const __mmask16 all = 0xffff;
   __m512 sum = _mm512_setzero_ps();
   std::ptrdiff_t c = 0;
-  for (; c + 32 <= n; c += 32) {  // two packets, one conversion of both (vcvtne2ps2bf16)
-    const __m512 e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + c), sh));
-    const __m512 e1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + c + 16), sh));
+  for (; c + 32 <= n; c += 32) {  // two packets, one conversion of both
+    const __m512 t0 = exponent16<WithBias>(_mm512_loadu_ps(x + c), bias + c, all, s, sh);
+    const __m512 t1 = exponent16<WithBias>(_mm512_loadu_ps(x + c + 16), bias + c + 16, all, s, sh);
+    const __m512 e0 = exp2_16(t0), e1 = exp2_16(t1);
     sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
     const __m512bh rounded = _mm512_cvtne2ps_pbh(e1, e0);
     std::memcpy(out + c, &rounded, sizeof(rounded));
   }
-  for (; c + 16 <= n; c += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + c), sh));
-    sum = _mm512_add_ps(sum, e);
-    const __m256bh rounded = _mm512_cvtneps_pbh(e);
-    std::memcpy(out + c, &rounded, sizeof(rounded));
-  }
-  if (c < n) {
-    const __mmask16 lanes = first_lanes(n - c);
-    const __m512 e = _mm512_maskz_mov_ps(lanes, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, x + c), sh)));
+  for (; c < n; c += 16) {  // one packet, the last one masked
+    const __mmask16 lanes = n - c >= 16 ? all : first_lanes(n - c);
+    const __m512 t = exponent16<WithBias>(_mm512_maskz_loadu_ps(lanes, x + c), bias + c, lanes, s, sh);
+    const __m512 e = _mm512_maskz_mov_ps(lanes, exp2_16(t));
     sum = _mm512_add_ps(sum, e);
     const __m256bh rounded = _mm512_cvtneps_pbh(e);
     __m256i bits;
@@ -301,6 +346,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline float exp
     _mm256_mask_storeu_epi16(out + c, lanes, bits);
   }
   return _mm512_reduce_add_ps(sum);
+}
+
+/// exp(x[c] scale + bias[c] - shift) (bias null: 0) for c < n, rounded to bf16 into out; returns
+/// their float sum (unrounded, in a fixed order). shift is the row's running maximum or a
+/// reference below it (the caller checks the sum).
+inline float exp_to_bf16(const float* x, std::ptrdiff_t n, float scale, const float* bias, float shift, std::uint16_t* out) noexcept {
+  // Without a bias, x stands in for it: never read, but no offset is ever added to a null pointer.
+  return bias ? exp_to_bf16_impl<true>(x, n, scale, bias, shift, out) : exp_to_bf16_impl<false>(x, n, scale, x, shift, out);
 }
 
 /// The backward's row pass over n visible columns, in place: x[c] = P = exp(x[c] scale + bias[c]
@@ -342,6 +395,39 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void to_b
   }
 }
 
+/// One 16-key block of pack_keys (amx_forward.hpp): lane n of pair row kk (64 bytes at out +
+/// 32 kk) gets the 32-bit pair (dimensions 2kk, 2kk + 1) of key n, for kk < pairs and n < count
+/// (count <= 16, rows `stride` elements apart; the other lanes are written as zeros). Two gathers
+/// of 8 keys per pair row (64-bit offsets: any stride), instead of 16 scalar copies into 16 lines.
+__attribute__((target("avx512f,avx512dq"))) inline void pack_key_block(const std::uint16_t* rows, std::ptrdiff_t stride, std::ptrdiff_t count,
+                                                              std::ptrdiff_t pairs, std::uint16_t* out) noexcept {
+  const unsigned lanes = first_lanes(std::min<std::ptrdiff_t>(count, 16));
+  const __mmask8 low = __mmask8(lanes & 0xffu), high = __mmask8(lanes >> 8);
+  const __m512i first = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(stride));  // in bf16 elements: scale 2
+  const __m512i second = _mm512_add_epi64(first, _mm512_set1_epi64(8 * stride));
+  for (std::ptrdiff_t kk = 0; kk < pairs; ++kk) {
+    const __m256i a = _mm512_mask_i64gather_epi32(_mm256_setzero_si256(), low, first, rows + 2 * kk, 2);
+    const __m256i b = _mm512_mask_i64gather_epi32(_mm256_setzero_si256(), high, second, rows + 2 * kk, 2);
+    _mm512_storeu_si512(out + 32 * kk, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+  }
+}
+
+/// One pair row of pack_values: out[2n] = even[n], out[2n + 1] = odd[n] (odd null: 0) for
+/// n < columns, 16 columns (32 elements) per store: out must hold 2 columns rounded up to 16,
+/// and gets zeros past 2 columns.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) inline void pack_value_pair(const std::uint16_t* even, const std::uint16_t* odd,
+                                                                                std::ptrdiff_t columns, std::uint16_t* out) noexcept {
+  alignas(64) static constexpr std::uint16_t order[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                          8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i interleave = _mm512_load_si512(order);
+  for (std::ptrdiff_t n = 0; n < columns; n += 16) {
+    const __mmask16 lanes = columns - n >= 16 ? __mmask16(0xffff) : first_lanes(columns - n);
+    const __m256i low = _mm256_maskz_loadu_epi16(lanes, even + n);
+    const __m256i high = odd ? _mm256_maskz_loadu_epi16(lanes, odd + n) : _mm256_setzero_si256();
+    _mm512_storeu_si512(out + 2 * n, _mm512_permutexvar_epi16(interleave, _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1)));
+  }
+}
+
 /// The tile units' peak, for the benchmarks (bench/peak.hpp): `rounds` rounds of 4 independent
 /// tdpbf16ps on tiles loaded once (16 x 16 x 32 multiply-adds each, no memory traffic); returns
 /// the FLOPs done. Needs configure() on this thread first.
@@ -380,8 +466,12 @@ inline void scores(const std::uint16_t*, std::ptrdiff_t, const std::uint16_t*, s
 inline void values(const std::uint16_t*, std::ptrdiff_t, const std::uint16_t*, std::ptrdiff_t, std::ptrdiff_t, std::ptrdiff_t,
                    std::ptrdiff_t, int, float*, std::ptrdiff_t) noexcept {}
 inline float scale_bias_max(float*, std::ptrdiff_t, float, const float*) noexcept { return 0.0f; }
-inline float exp_to_bf16(const float*, std::ptrdiff_t, float, std::uint16_t*) noexcept { return 0.0f; }
+inline constexpr double forward_exp_error = 1e-4;
+inline float scaled_max(const float*, std::ptrdiff_t, float, const float*) noexcept { return 0.0f; }
+inline float exp_to_bf16(const float*, std::ptrdiff_t, float, const float*, float, std::uint16_t*) noexcept { return 0.0f; }
 inline double tile_product_rounds(long) noexcept { return 0.0; }
+inline void pack_key_block(const std::uint16_t*, std::ptrdiff_t, std::ptrdiff_t, std::ptrdiff_t, std::uint16_t*) noexcept {}
+inline void pack_value_pair(const std::uint16_t*, const std::uint16_t*, std::ptrdiff_t, std::uint16_t*) noexcept {}
 inline void probabilities_and_gradient(float*, float*, std::ptrdiff_t, float, const float*, float, float) noexcept {}
 inline void to_bf16_pairs(const float*, const float*, std::ptrdiff_t, std::uint16_t*, std::uint16_t* = nullptr,
                           std::uint16_t* = nullptr) noexcept {}

@@ -4,7 +4,7 @@
 // accumulation (detail/amx.hpp), everything else in float as in attention.hpp:
 //
 //   S = Q K^T (bf16 x bf16 -> float),  scale, bias, masks, online softmax, lse in float,
-//   O += bf16(P) V (float accumulator),  P = exp(S - running max) rounded to nearest bf16.
+//   O += bf16(P) V (float accumulator),  P = exp(S - reference max) rounded to nearest bf16.
 //
 // As FlashAttention does on GPUs; the row sum of the softmax is the float sum of the unrounded
 // P, so O's error from rounding P is at most 2^-8 max |v| (docs/storage.md gives the bound).
@@ -13,12 +13,13 @@
 // K and V are packed once per call, for each (sequence, key/value head), into the tile layouts
 // (amx.hpp): keys in 16-key blocks of (D/2) pair rows, values in 32-key chunks of 16 pair rows,
 // zero-padded to 32 keys, D to a multiple of 32 and Dv of 16, so that no tile ever reads past a
-// sequence or needs a second configuration. A work item is (sequence, query head, 128 query rows),
-// four strips of 32 rows, and walks the key blocks of 256 keys its rows see: per strip and block,
-// one call computes the scores into an L1 buffer, a row pass adds scale and bias and finds the
-// maximum, a second takes the exponentials, their sum and the bf16 P, and one call adds P V to
-// the strip's float accumulator. Each item's arithmetic depends on the item alone: same inputs
-// and CPU, same bits, whatever the thread count.
+// sequence or needs a second configuration. A work item is (sequence, query head, 256 query rows),
+// eight strips of 32 rows, and walks the key blocks of 256 keys its rows see, from the block of
+// its diagonal on: per strip and block, one call computes the scores into an L1 buffer, one row
+// pass in registers adds scale and bias and takes the exponentials (against the row's reference
+// maximum), their sum and the bf16 P (bf16_softmax_row says when it takes a second), and one
+// call adds P V to the strip's float accumulator. Each item's arithmetic depends on the item
+// alone: same inputs and CPU, same bits, whatever the thread count.
 
 #include "relbias/attention.hpp"
 #include "relbias/detail/amx.hpp"
@@ -36,10 +37,18 @@
 
 namespace relbias::detail {
 
-inline constexpr index_t bf16_tile_rows = 128;  // query rows per work item: four strips share each key block
+// Query rows per work item: eight strips share each key block of K and V (from L2 after the first
+// strip: a block's K and V and a strip's scores exceed L1); 256 rows ran about 5 % faster than 128
+// at L = 4096, 512 no faster again with a bias, and 256 keeps more items for the threads.
+inline constexpr index_t bf16_tile_rows = 256;
 inline constexpr index_t bf16_strip_rows = 32;  // rows per tile product (two 16-row A tiles)
 inline constexpr index_t bf16_key_block = 256;  // keys per block: a strip's float scores (32 KiB) and bf16 P
 inline constexpr index_t bf16_key_chunk = 32;   // keys per tile step (two 16-key B tiles; the depth of P V)
+
+// Row strides of the scores and P buffers: one cache line past the block, so that the 32 rows
+// of a strip do not map to the same few L1 sets (1 KiB apart, every fourth row would share a
+// set); P's rows stay on 64-byte boundaries (tile loads).
+inline constexpr index_t bf16_score_stride = bf16_key_block + 16, bf16_p_stride = bf16_key_block + 32;
 
 constexpr index_t round_up(index_t n, index_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
@@ -94,25 +103,28 @@ struct bf16_packed_kv {
 
 /// count key rows (seq_stride apart, dim each) into `out` (zeros, 16 * dim_pad per 16 keys): key
 /// n of a 16-key block, dimensions 2kk and 2kk + 1 (one 32-bit pair), go to pair row kk, lane n.
+/// AVX-512 (amx::pack_key_block): it runs on the AMX paths only.
 inline void pack_keys(const Eigen::bfloat16* rows, index_t seq_stride, index_t count, index_t dim, index_t dim_pad, std::uint16_t* out) {
-  for (index_t r = 0; r < count; ++r) {
-    const Eigen::bfloat16* row = rows + r * seq_stride;
-    std::uint16_t* lane = out + (r / 16) * 16 * dim_pad + (r % 16) * 2;
-    for (index_t kk = 0; kk < dim / 2; ++kk) std::memcpy(lane + kk * 32, row + 2 * kk, 4);
-    if (dim % 2) lane[(dim / 2) * 32] = bf16_bits(row[dim - 1]);
+  const auto* bits = reinterpret_cast<const std::uint16_t*>(rows);  // Eigen::bfloat16 is its 16 bits (standard layout)
+  for (index_t r = 0; r < count; r += 16) {
+    std::uint16_t* block = out + r * dim_pad;
+    amx::pack_key_block(bits + r * seq_stride, seq_stride, count - r, dim / 2, block);
+    if (dim % 2)  // the last dimension alone in its pair
+      for (index_t n = r; n < std::min(count, r + 16); ++n) block[(dim / 2) * 32 + (n - r) * 2] = bits[n * seq_stride + dim - 1];
   }
 }
 
-/// count value rows into `out` (zeros, 32 * dim_v_pad per 32 keys): keys 2m and 2m + 1 of a
-/// 32-key chunk become pair row m, their column n the pair (v[2m][n], v[2m + 1][n]).
+/// count value rows into `out` (zeros, 32 * dim_v_pad per 32 keys; dim_v_pad a multiple of 16):
+/// keys 2m and 2m + 1 of a 32-key chunk become pair row m, their column n the pair
+/// (v[2m][n], v[2m + 1][n]). AVX-512 (amx::pack_value_pair): on the AMX paths only.
 inline void pack_values(const Eigen::bfloat16* rows, index_t seq_stride, index_t count, index_t dim_v, index_t dim_v_pad,
                         std::uint16_t* out) {
+  RELBIAS_ASSERT(dim_v_pad % 16 == 0 && dim_v <= dim_v_pad);
+  const auto* bits = reinterpret_cast<const std::uint16_t*>(rows);
   for (index_t r = 0; r < count; r += 2) {
-    const Eigen::bfloat16* even = rows + r * seq_stride;
-    std::uint16_t* pair = out + (r / 32) * 32 * dim_v_pad + ((r % 32) / 2) * 2 * dim_v_pad;
-    for (index_t n = 0; n < dim_v; ++n) pair[2 * n] = bf16_bits(even[n]);
-    if (r + 1 < count)
-      for (index_t n = 0; n < dim_v; ++n) pair[2 * n + 1] = bf16_bits(even[seq_stride + n]);
+    const std::uint16_t* even = bits + r * seq_stride;
+    amx::pack_value_pair(even, r + 1 < count ? even + seq_stride : nullptr, dim_v,
+                         out + (r / 32) * 32 * dim_v_pad + ((r % 32) / 2) * 2 * dim_v_pad);
   }
 }
 
@@ -145,20 +157,32 @@ bf16_packed_kv pack_kv(const bf16_forward_problem<Q>& pb, const batch_layout& la
 struct bf16_forward_scratch {
   index_t dim_v_pad;
   line_vector<std::uint16_t> q;    // (bf16_tile_rows, dim_pad): the item's queries in bf16
-  line_vector<float> scores;       // (bf16_strip_rows, bf16_key_block)
-  line_vector<std::uint16_t> p;    // (bf16_strip_rows, bf16_key_block): P in bf16
+  line_vector<float> scores;       // (bf16_strip_rows, bf16_score_stride)
+  line_vector<std::uint16_t> p;    // (bf16_strip_rows, bf16_p_stride): P in bf16
   line_vector<float> accumulator;  // (bf16_tile_rows, dim_v_pad)
   Eigen::ArrayXf row_max, row_sum;  // (bf16_tile_rows)
 
   Eigen::Map<Eigen::RowVectorXf> accumulator_row(index_t r) { return {accumulator.data() + r * dim_v_pad, dim_v_pad}; }
 };
 
-/// One row of a strip over one key block: scale and bias into the float scores (x, relative to
+/// The largest sum of one block's exponentials against the row's reference maximum that is
+/// kept: every P is then at most 2^16 and the float sums stay far from overflow. A larger sum
+/// (or NaN, +inf) redoes the block against its own maximum, so the accumulator is rescaled only
+/// when the maximum rises that much: always past 16 ln 2 above the reference, never while every
+/// score of a 256-key block stays within 8 ln 2 of it.
+inline constexpr float bf16_headroom = 65536.0f;
+
+/// One row of a strip over one key block: scale and bias on the float scores (x, relative to
 /// the block's first key j0), one step of the online softmax, bf16 P over the columns `chunks`
-/// (zero where the row sees no key). Rows whose scores hold no finite maximum (every key hidden
-/// by the bias, +inf, NaN) and rows already NaN take online_softmax_row, the float kernel's rules.
+/// (zero where the row sees no key). Once the row has a finite reference maximum, one pass in
+/// registers takes the exponentials against it, their sum and P; a block whose sum exceeds
+/// bf16_headroom, and a row's first block, take the maximum first (a second pass).
+/// Rows whose scores hold no finite maximum (every key hidden by the bias, +inf, NaN) and rows
+/// already NaN take online_softmax_row, the float kernel's rules. Always inlined: GCC 12 kept it
+/// a call per row and block for the policies with a plan (not for no bias), and ALiBi and T5
+/// then ran 6-7 % slower than no bias instead of 0-3 % (least CPU time of 15 runs, under load).
 template <class Plan, class AccumulatorRow>
-void bf16_softmax_row(const Plan& plan, float scale, index_t h, index_t i, index_t j0, index_range visible, index_range chunks,
+[[gnu::always_inline]] inline void bf16_softmax_row(const Plan& plan, float scale, index_t h, index_t i, index_t j0, index_range visible, index_range chunks,
                       float* x, std::uint16_t* p, float& row_max, float& row_sum, AccumulatorRow&& accumulator_row) {
   if (visible.empty()) {
     std::fill(p + chunks.begin, p + chunks.end, std::uint16_t(0));
@@ -167,29 +191,38 @@ void bf16_softmax_row(const Plan& plan, float scale, index_t h, index_t i, index
   std::fill(p + chunks.begin, p + visible.begin, std::uint16_t(0));
   std::fill(p + visible.end, p + chunks.end, std::uint16_t(0));
   float* row = x + visible.begin;
+  std::uint16_t* out = p + visible.begin;
   const index_t n = visible.size();
-  float tile_max;
-  if constexpr (std::same_as<Plan, empty_plan<float>>) {
-    tile_max = amx::scale_bias_max(row, n, scale, nullptr);
-  } else if (const float* bias = plan_row<float>(plan, h, i, j0 + visible.begin)) {
-    tile_max = amx::scale_bias_max(row, n, scale, bias);
-  } else {  // FIRE's plan, a policy's own: it adds to scaled scores
-    amx::scale_bias_max(row, n, scale, nullptr);
-    plan.add_row(h, i, j0 + visible.begin, n, row);
-    tile_max = amx::scale_bias_max(row, n, 1.0f, nullptr);
+  const float* bias = nullptr;
+  if constexpr (!std::same_as<Plan, empty_plan<float>>) {
+    bias = plan_row<float>(plan, h, i, j0 + visible.begin);
+    if (!bias) {  // FIRE's plan, a policy's own: it adds to scaled scores, in place
+      amx::scale_bias_max(row, n, scale, nullptr);
+      plan.add_row(h, i, j0 + visible.begin, n, row);
+      scale = 1.0f;
+    }
   }
+  if (std::isfinite(row_max)) {
+    const float sum = amx::exp_to_bf16(row, n, scale, bias, row_max, out);
+    if (sum <= bf16_headroom) {  // false for NaN: the pass below decides
+      row_sum += sum;
+      return;
+    }
+  }
+  const float tile_max = amx::scaled_max(row, n, scale, bias);
   if (std::isfinite(tile_max) && !std::isnan(row_max)) {
-    if (tile_max > row_max) {  // a new maximum: rescale what the row holds (no exp call while the maximum stands)
+    if (tile_max > row_max) {  // a new reference: rescale what the row holds
       const float rescale = row_max == -std::numeric_limits<float>::infinity() ? 0.0f : std::exp(row_max - tile_max);
       accumulator_row *= rescale;
       row_sum *= rescale;
       row_max = tile_max;
     }
-    row_sum += amx::exp_to_bf16(row, n, row_max, p + visible.begin);
+    row_sum += amx::exp_to_bf16(row, n, scale, bias, row_max, out);
     return;
   }
+  amx::scale_bias_max(row, n, scale, bias);
   online_softmax_row(row, n, n, row_max, row_sum, accumulator_row);
-  for (index_t c = 0; c < n; ++c) p[visible.begin + c] = bf16_bits(row[c]);
+  for (index_t c = 0; c < n; ++c) out[c] = bf16_bits(row[c]);
 }
 
 /// Rows [r0, r0 + rows) of one strip (rows <= 32) of the item against the key block at column
@@ -198,7 +231,7 @@ template <class Q, class Plan>
 void bf16_forward_strip(const bf16_forward_problem<Q>& pb, const bf16_packed_kv& packed, const Plan& plan, const offset_band& band,
                         const sequence& seq, const query_tile& tile, index_t h, index_t c0, index_t bc, index_t r0, index_t rows,
                         const std::uint16_t* keys, const std::uint16_t* values, bf16_forward_scratch& s) {
-  constexpr index_t ld = bf16_key_block;
+  constexpr index_t ld = bf16_score_stride, ldp = bf16_p_stride;
   const index_t j0 = key_position(seq.k_start, c0), first_i = query_position(seq.q_start, tile.r0 + r0);
   const index_range columns{band.visible_keys(first_i, j0, bc).begin, band.visible_keys(first_i + rows - 1, j0, bc).end};
   if (columns.empty()) return;
@@ -208,13 +241,13 @@ void bf16_forward_strip(const bf16_forward_problem<Q>& pb, const bf16_packed_kv&
               chunk_count, s.scores.data() + chunks.begin, ld);
   for (index_t r = 0; r < rows; ++r) {
     const index_t i = first_i + r;
-    bf16_softmax_row(plan, pb.scale, h, i, j0, band.visible_keys(i, j0, bc), chunks, s.scores.data() + r * ld, s.p.data() + r * ld,
+    bf16_softmax_row(plan, pb.scale, h, i, j0, band.visible_keys(i, j0, bc), chunks, s.scores.data() + r * ld, s.p.data() + r * ldp,
                      s.row_max[r0 + r], s.row_sum[r0 + r], s.accumulator_row(r0 + r));
   }
   const int halves = rows > 16 ? 2 : 1;
   for (index_t r = rows; r < 16 * halves; ++r)  // padding rows of the tile product: P = 0
-    std::fill(s.p.data() + r * ld + chunks.begin, s.p.data() + r * ld + chunks.end, std::uint16_t(0));
-  amx::values(s.p.data() + chunks.begin, ld, values + (c0 + chunks.begin) * packed.dim_v_pad, packed.dim_v_pad / 16, 0,
+    std::fill(s.p.data() + r * ldp + chunks.begin, s.p.data() + r * ldp + chunks.end, std::uint16_t(0));
+  amx::values(s.p.data() + chunks.begin, ldp, values + (c0 + chunks.begin) * packed.dim_v_pad, packed.dim_v_pad / 16, 0,
               packed.dim_v_pad / 16, chunk_count, halves,
               s.accumulator.data() + r0 * s.dim_v_pad, s.dim_v_pad);
 }
@@ -236,9 +269,16 @@ void bf16_forward_item(const bf16_forward_problem<Q>& pb, const bf16_packed_kv& 
   const std::uint16_t* keys = packed.keys_of(tile.sequence, pb.k.heads, kv_head);
   const std::uint16_t* values = packed.values_of(tile.sequence, pb.k.heads, kv_head);
 
+  // The key blocks from the one holding the tile's diagonal (key position = the first query's
+  // position) to the end, then from the start: a distance bias (ALiBi, T5, KERPLE) is largest
+  // there, so the rows' first reference maximum is about their maximum and later blocks seldom
+  // exceed bf16_headroom (in key order, ALiBi's maximum rose at every block: a redo each time).
+  const index_t first = tile.keys.begin / bf16_key_chunk * bf16_key_chunk, blocks = (tile.keys.end - first + bf16_key_block - 1) / bf16_key_block;
+  const index_t diagonal = query_position(seq.q_start, tile.r0) - seq.k_start;
+  const index_t start = blocks > 0 ? (std::clamp(diagonal, first, tile.keys.end - 1) - first) / bf16_key_block : 0;
   amx::configure();
-  for (index_t c0 = tile.keys.begin / bf16_key_chunk * bf16_key_chunk; c0 < tile.keys.end; c0 += bf16_key_block) {
-    const index_t bc = std::min(bf16_key_block, seq.k_length - c0);
+  for (index_t m = 0; m < blocks; ++m) {
+    const index_t c0 = first + (start + m) % blocks * bf16_key_block, bc = std::min(bf16_key_block, seq.k_length - c0);
     for (index_t r0 = 0; r0 < br; r0 += bf16_strip_rows)
       bf16_forward_strip(pb, packed, plan, band, seq, tile, h, c0, bc, r0, std::min(bf16_strip_rows, br - r0), keys, values, s);
   }
@@ -261,8 +301,8 @@ void bf16_fused_forward(const bf16_forward_problem<Q>& pb, const batch_layout& l
   auto make_scratch = [&] {
     bf16_forward_scratch s{packed.dim_v_pad,
                            line_vector<std::uint16_t>(std::size_t(bf16_tile_rows * packed.dim_pad)),
-                           line_vector<float>(std::size_t(bf16_strip_rows * bf16_key_block)),
-                           line_vector<std::uint16_t>(std::size_t(bf16_strip_rows * bf16_key_block)),
+                           line_vector<float>(std::size_t(bf16_strip_rows * bf16_score_stride)),
+                           line_vector<std::uint16_t>(std::size_t(bf16_strip_rows * bf16_p_stride)),
                            line_vector<float>(std::size_t(bf16_tile_rows * packed.dim_v_pad)), Eigen::ArrayXf(bf16_tile_rows),
                            Eigen::ArrayXf(bf16_tile_rows)};
     return s;
