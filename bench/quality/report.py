@@ -239,10 +239,10 @@ def budget_pairs(runs):
     long, text = groups_of(runs, "long"), groups_of(runs, "text")
     if not long or not text:
         return {}, {}
-    seeds = {r["seed"] for g in long.values() for r in g}
-    short = {s: [r for r in g if r["seed"] in seeds] for s, g in text.items() if s in long}
-    short = {s: g for s, g in short.items() if len(g) == len(long[s])}
-    return short, {s: g for s, g in long.items() if s in short}
+    # The seeds every scheme has at both budgets (a budget check still running has some schemes ahead).
+    seeds = set.intersection(*({r["seed"] for r in g} for g in list(long.values()) + [text[s] for s in long if s in text]))
+    pick = lambda g: [r for r in g if r["seed"] in seeds]
+    return {s: pick(text[s]) for s in long if s in text}, {s: pick(g) for s, g in long.items() if s in text}
 
 
 def leading_group(groups, value_of):
@@ -258,9 +258,14 @@ def settled(short, long, value_of, what, later="trained 4x longer"):
     a, b = leading_group(short, value_of), leading_group(long, value_of)
     if not a or not b:
         return None
-    names = lambda group: ", ".join(sorted(group, key=SCHEMES.index))
+    names = lambda group: ", ".join(sorted(group, key=SCHEMES.index)) or "none"
+    best_a = tied_with_best(ranking(short, value_of))[0]
+    best_b = tied_with_best(ranking(long, value_of))[0]
     if a == b:
         return f"{what}: settled, the same leading group at both budgets ({names(b)})"
+    if best_a == best_b:
+        return (f"{what}: the best held ({best_b}); **the ties moved**: within its seed spread {names(b - {best_b})} "
+                f"{later}, {names(a - {best_a})} at a quarter of the budget")
     return f"{what}: **not settled**: leading group {names(a)} at a quarter of the budget, {names(b)} {later}"
 
 
@@ -277,9 +282,28 @@ def budget_verdicts(runs):
     lines = [best_sentence(long, lambda r, k=k: r["eval_bpc"][k],
                            f"Trained 4x longer ({seeds} seeds), at {lengths[k] // seq}x") for k in (0, -1)]
     lines += [settled(short, long, lambda r, k=k: r["eval_bpc"][k], f"Verdict at {lengths[k] // seq}x") for k in (0, -1)]
+    lines += [family_gap(short, long, k, f"{lengths[k] // seq}x") for k in (0, -1)]
     gains = [last_quarter_gain(r, False) for g in long.values() for r in g]
     lines.append(f"The 4x runs' last-quarter gains: {min(gains):.3f} to {max(gains):.3f} bpc")
     return lines
+
+
+def family_gap(short, long, k, label, budgets=("main", "4x longer")):
+    """The project's question at one length: the best learned scheme against the best heuristic
+    one, at both budgets. Settled when the same family wins at both with the ranges apart."""
+    def best_of(groups, family):
+        values = {s: [r["eval_bpc"][k] for r in groups[s]] for s in family if s in groups}
+        scheme = min(values, key=lambda s: np.mean(values[s]))
+        return scheme, values[scheme]
+    parts, verdicts = [], []
+    for groups, budget in zip((short, long), budgets):
+        (learned, a), (heuristic, b) = best_of(groups, LEARNED), best_of(groups, HEURISTIC)
+        apart = max(a) < min(b) or max(b) < min(a)
+        verdicts.append(("learned" if np.mean(a) < np.mean(b) else "heuristic") if apart else "tie")
+        parts.append(f"{budget} {learned} {np.mean(a):.3f} against {heuristic} {np.mean(b):.3f}")
+    state = "settled" if verdicts[0] == verdicts[1] else "**not settled**"
+    outcome = verdicts[1] if verdicts[1] == "tie" else f"{verdicts[1]} ahead"
+    return f"Learned against heuristic at {label}: {outcome} ({'; '.join(parts)}): {state}"
 
 
 def speed_lines(runs):
@@ -472,6 +496,9 @@ def answer(runs):
                 lines.append(settled(quarter, small, lambda r, k=k: r["eval_bpc"][k],
                                      f"Small-data verdict at {lengths[k]} characters, {q_steps} against {steps} steps",
                                      later="at the full budget"))
+            for k in (0, -1):
+                lines.append(family_gap(quarter, small, k, f"{lengths[k]} characters on 5 % of the data",
+                                        (f"{q_steps} steps", f"{steps} steps")))
     if probe:
         lines.append(best_sentence(probe, lambda r: r["probe_accuracy"], "Probe accuracy (copy k = 5..9 back)",
                                    lower_is_better=False))
