@@ -276,7 +276,7 @@ def budget_verdicts(runs):
         return []
     seeds = len(next(iter(long.values())))
     if seeds < 2:
-        return [f"Trained 4x longer: one seed only, so no verdict can be compared (run `LONG=1` for the seeds)"]
+        return ["Trained 4x longer: one seed only, so no verdict can be compared (run `LONG=1` for the seeds)"]
     lengths = next(iter(long.values()))[0]["eval_lengths"]
     seq = next(iter(long.values()))[0]["seq"]
     lines = [best_sentence(long, lambda r, k=k: r["eval_bpc"][k],
