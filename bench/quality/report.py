@@ -247,20 +247,23 @@ def budget_pairs(runs):
 
 def leading_group(groups, value_of):
     """The best scheme and those within its seed spread, as a set; empty when one seed leaves no spread."""
-    marks = ranking(groups, value_of)
+    return leader_and_group(groups, value_of)[1]
+
+
+def leader_and_group(groups, value_of):
+    """(best scheme, leading group) from one ranking; (None, empty) when one seed leaves no spread."""
     if any(len(g) < 2 for g in groups.values()):
-        return set()
-    return {s for s, m in marks.items() if m}
+        return None, set()
+    marks = ranking(groups, value_of)
+    return tied_with_best(marks)[0], {s for s, m in marks.items() if m}
 
 
 def settled(short, long, value_of, what, later="trained 4x longer"):
     """One sentence: does training 4x longer name the same leading group (best + ties)?"""
-    a, b = leading_group(short, value_of), leading_group(long, value_of)
+    (best_a, a), (best_b, b) = leader_and_group(short, value_of), leader_and_group(long, value_of)
     if not a or not b:
         return None
     names = lambda group: ", ".join(sorted(group, key=SCHEMES.index)) or "none"
-    best_a = tied_with_best(ranking(short, value_of))[0]
-    best_b = tied_with_best(ranking(long, value_of))[0]
     if a == b:
         return f"{what}: settled, the same leading group at both budgets ({names(b)})"
     if best_a == best_b:
