@@ -241,8 +241,9 @@ int main(int argc, char** argv) try {
   args.check_all_read();
   if (corpus) describe(*corpus, args.has("--corpus"));
   if (check_only) return 0;
-  // The one-thread FMA peak of this core, now, so the step's GFLOP/s reads as a fraction of it.
-  const double peak_gflops = relbias_bench::probe_fma_gflops(1);
+  // The one-thread FMA peak of this core per CPU second, as the step's GFLOP/s is, so the
+  // fraction holds when other runs share the machine.
+  const double peak_gflops = relbias_bench::probe_fma_gflops_cpu_time();
   const quality::run_result r = quality::with_scheme(c.scheme, c.model.heads, c.seq, c.model.d_model, c.seed, [&](auto bias) {
     return quality::run(c, std::move(bias), corpus ? &*corpus : nullptr);
   });

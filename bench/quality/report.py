@@ -310,21 +310,21 @@ def family_gap(short, long, k, label, budgets=("main", "4x longer")):
 
 
 def speed_lines(runs):
-    """Each run probes the one-thread FMA peak as it starts; a probe that shared its core (another
-    run starting, another tenant) reads low, so the fractions divide by the median probe."""
+    """Each run probes the one-thread FMA peak as it starts, per second of its CPU time as its
+    step rate is, so each run's own fraction holds even when runs share the machine."""
     groups = groups_of(runs, "text")
     if not groups:
         return []
     probes = [r["fma_peak_gflops_1_thread"] for name in ("text", "small", "probe") for g in groups_of(runs, name).values()
               for r in g]
-    peak = float(np.median(probes))
-    lines = [f"One-thread FMA peak: median {peak:.0f} GFLOP/s over the {len(probes)} runs' start-up probes "
-             f"(range {min(probes):.0f}-{max(probes):.0f}). Step FLOPs: the model's matrix products and the attention's "
-             "visible query-key pairs, forward and backward (bench/quality/experiment.hpp).", "",
+    lines = [f"One-thread FMA peak per CPU second: median {float(np.median(probes)):.0f} GFLOP/s over the {len(probes)} "
+             f"runs' start-up probes (range {min(probes):.0f}-{max(probes):.0f}); each run's fraction uses its own probe. "
+             "Step FLOPs: the model's matrix products and the attention's visible query-key pairs, forward and backward "
+             "(bench/quality/experiment.hpp).", "",
              "| scheme | CPU ms/step | step GFLOP/s | fraction of the one-thread FMA peak |", "|---" * 4 + "|"]
     for scheme, group in groups.items():
         lines.append(f"| {scheme} | {spread([r['cpu_ms_per_step'] for r in group], 1)} | "
-                     f"{spread([r['step_gflops'] for r in group], 0)} | {spread([r['step_gflops'] / peak for r in group], 2)} |")
+                     f"{spread([r['step_gflops'] for r in group], 0)} | {spread([r['peak_fraction'] for r in group], 2)} |")
     return lines
 
 
