@@ -122,7 +122,7 @@ TEMPLATE_TEST_CASE("attention: decoding over a long cache fills the offset table
   const attention_options<S> options{.mask = masking::causal, .q_start = kv_cache_q_start(c.lq, c.lk), .num_threads = 2};
   CHECK(fused_vs_reference(kerple_power<S>{4, 11}, c, options) < tolerance<S>());  // fill_offsets
   CHECK(fused_vs_reference(alibi<S>{4}, c, options) < tolerance<S>());             // at_offset per offset
-  CHECK(fused_vs_reference(sandwich<S>{4, 16}, c, options) < tolerance<S>());      // at_offset per offset
+  CHECK(fused_vs_reference(sandwich<S>{4, 16}, c, options) < tolerance<S>());      // its own plan (make_plan)
 }
 
 TEST_CASE("attention: rows that see no key give O = 0 and lse = -inf", "[attention]") {

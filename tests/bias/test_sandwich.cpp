@@ -2,6 +2,7 @@
 
 #include <relbias/bias/sandwich.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -84,6 +85,42 @@ TEST_CASE("sandwich: shift invariance, symmetry, zero diagonal and bounds", "[sa
   for (index_t d = 1; d <= 50; ++d) near += b.at_offset(0, d);
   for (index_t d = 5001; d <= 5050; ++d) far += b.at_offset(0, d);
   CHECK(far < near);
+}
+
+TEST_CASE("sandwich: the kernels' plan holds at_offset's values, the sum once per distance", "[sandwich]") {
+  // Windows: a training call straddling offset 0, a decoding step far into a cache (offsets all
+  // positive), keys after the queries (all negative), distances past 10^6, and windows that start
+  // mid-way through the plan's 64-distance anchors.
+  const position_window windows[] = {
+      {.q_start = 0, .query_length = 300, .k_start = 0, .key_length = 300},
+      {.q_start = 40000, .query_length = 1, .k_start = 0, .key_length = 40001},
+      {.q_start = 0, .query_length = 5, .k_start = 130, .key_length = 77},
+      {.q_start = 1'234'567, .query_length = 3, .k_start = 1'100'000, .key_length = 1000},
+      {.q_start = 70, .query_length = 1, .k_start = 3, .key_length = 2},
+  };
+  const sandwich<double> b{3, 16};
+  const sandwich<float> f{5, 64};
+  for (const position_window& w : windows) {
+    INFO("offsets [" << w.min_offset() << ", " << w.max_offset() << "]");
+    const auto plan_b = b.make_plan(w);
+    const auto plan_f = f.make_plan(w);
+    double worst_b = 0;
+    index_t float_mismatches = 0;
+    for (index_t delta = w.min_offset(); delta <= w.max_offset(); ++delta) {
+      // query i = max_offset, key j0 = max_offset - delta: row_values(h, i, j0)[0] is offset delta
+      for (index_t h = 0; h < 3; ++h)
+        worst_b = std::max(worst_b, std::abs(*plan_b.row_values(h, w.max_offset(), w.max_offset() - delta) - b.at_offset(h, delta)));
+      for (index_t h = 0; h < 5; ++h) {
+        const float expected = f.at_offset(h, delta), got = *plan_f.row_values(h, w.max_offset(), w.max_offset() - delta);
+        CHECK(std::abs(got - expected) <= std::numeric_limits<float>::epsilon() * std::abs(expected));  // at most one rounding apart
+        float_mismatches += got != expected;
+      }
+    }
+    // The angles x w_k / 2 carry one rounding each way (relative 2^-53): their difference in the
+    // sum grows with the distance, ~2e-16 x here (d = 16, H = 3).
+    CHECK(worst_b < 2e-15 * double(std::max<index_t>(1, w.max_distance())));
+    CHECK(float_mismatches * 100 <= w.offset_count() * 5);  // the same float in nearly every case
+  }
 }
 
 TEST_CASE("sandwich: invalid constructions name the argument and value", "[sandwich]") {
