@@ -77,13 +77,14 @@ def command_of(runs_dir, fallback):
 
 
 def commit():
-    """The checkout's commit, "+changes" when the tree differs from it."""
+    """The checkout's commit, "+changes" when its code differs from it (the results that a run
+    writes, bench/results and bench/README.md, do not count)."""
     root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":!bench/results", ":!bench/README.md"], capture_output=True, text=True).stdout.strip()
         return head + ("+changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
