@@ -3,10 +3,12 @@
 # scheme (forward sweep, decode, backward, the acceptance checks, peak memory), then writes the
 # tables and plots, runs the quality benchmark and prints the per-scheme summary.
 # Run as root on Debian 12 from a clone:
-#   bash scripts/bench.sh           full run, about 20 minutes: refreshes bench/results/ and the
+#   bash scripts/bench.sh           full run, about 40 minutes: refreshes bench/results/ and the
 #                                   results part of bench/README.md (tracked files)
 #   QUICK=1 bash scripts/bench.sh   quick run, under two minutes after the build: fewer lengths
 #                                   and repetitions, written to build-bench/quick/ (untracked)
+#   SPEED_ONLY=1 bash scripts/bench.sh   the speed part alone (about 15 minutes): the quality
+#                                   results of the last run stay, each part naming its own run
 # Every table and plot names the mode, date, machine, thread count and this command. The
 # benchmarks' own output goes to build-bench/logs/<mode>/, the terminal shows one line per stage.
 set -euo pipefail
@@ -48,8 +50,10 @@ else
   memory_length=32768
 fi
 
+quality=1
+[ "${SPEED_ONLY:-0}" = 1 ] && quality=0 && command="SPEED_ONLY=1 $command"
 stages=6
-[ -f scripts/bench-quality.sh ] && stages=$((stages + 1))
+[ -f scripts/bench-quality.sh ] && [ $quality = 1 ] && stages=$((stages + 1))
 [ -f bench/summary.py ] && stages=$((stages + 1))
 stage=0
 run_start=$SECONDS
@@ -168,7 +172,7 @@ readme=()
 "$python" bench/report.py "$out" "${readme[@]}"
 end_stage
 
-if [ -f scripts/bench-quality.sh ]; then
+if [ -f scripts/bench-quality.sh ] && [ $quality = 1 ]; then
   begin_stage "quality benchmark (scripts/bench-quality.sh)"
   bash scripts/bench-quality.sh "$out"
   end_stage
