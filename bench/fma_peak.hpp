@@ -73,33 +73,34 @@ inline double fma_rounds_on(int threads, long rounds) {
 /// slowest thread; regions of a millisecond measure the scheduler, not the FMA units).
 inline constexpr long rounds_per_region = 20'000'000;
 
-/// GFLOP/s of `threads` threads (the best of three regions).
-inline double probe_fma_gflops(int threads) {
-  constexpr long rounds = rounds_per_region;
+/// The best GFLOP/s of three regions, each of `threads` threads running rounds_per_region
+/// rounds, timed by seconds_now() (a clock read in seconds).
+template <class Clock>
+double best_of_three_regions(int threads, Clock seconds_now) {
   double best = 0;
   for (int trial = 0; trial < 3; ++trial) {
-    const auto start = std::chrono::steady_clock::now();
-    const double flops = fma_rounds_on(threads, rounds);
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    best = std::max(best, flops / seconds / 1e9);
+    const double start = seconds_now();
+    const double flops = fma_rounds_on(threads, rounds_per_region);
+    const double seconds = seconds_now() - start;
+    if (seconds > 0) best = std::max(best, flops / seconds / 1e9);
   }
   return best;
 }
 
-/// One-thread GFLOP/s per second of the process's CPU time (the best of three rounds of about
-/// 40 ms): what the core gives while this program runs on it, however busy the machine. The
-/// quality benchmark's step rate is per CPU second too (std::clock), so their ratio holds under
-/// load, where a wall-clock probe that was descheduled reads low (20-240 GFLOP/s in one shared
-/// run) and the ratio high. One thread only: std::clock counts every thread of the process.
+/// GFLOP/s of `threads` threads (the best of three regions, wall time).
+inline double probe_fma_gflops(int threads) {
+  return best_of_three_regions(threads, [] {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  });
+}
+
+/// One-thread GFLOP/s per second of the process's CPU time (the best of three regions): what the
+/// core gives while this program runs on it, however busy the machine. The quality benchmark's
+/// step rate is per CPU second too (std::clock), so their ratio holds under load, where a
+/// wall-clock probe that was descheduled reads low (20-240 GFLOP/s in one shared run) and the
+/// ratio high. One thread only: std::clock counts every thread of the process.
 inline double probe_fma_gflops_cpu_time() {
-  double best = 0;
-  for (int trial = 0; trial < 3; ++trial) {
-    const std::clock_t start = std::clock();
-    const double flops = fma_rounds(rounds_per_region);
-    const double seconds = double(std::clock() - start) / CLOCKS_PER_SEC;
-    if (seconds > 0) best = std::max(best, flops / seconds / 1e9);
-  }
-  return best;
+  return best_of_three_regions(1, [] { return double(std::clock()) / CLOCKS_PER_SEC; });
 }
 
 /// "2 logical CPUs, 2 cores, 1 SMT sibling per core" from /sys/devices/system/cpu (Linux);
