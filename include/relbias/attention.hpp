@@ -38,29 +38,42 @@ namespace detail {
 /// and stay in L2 while the tile's query rows go past them a strip at a time; a strip's scores
 /// (strip_rows x Bc: 17 KiB) stay in L1 from the product through the bias, the max and the exp.
 /// Every query row of a tile shares one packing of each key tile: at 256 rows and D = 64 packing
-/// still costs about a tenth of the products, so long sequences take tall_rows (512).
+/// costs about a tenth of the products, so long sequences take taller tiles (up to tall_rows).
 struct tile_shape {
   index_t rows = 256;       // Br: queries per tile
   index_t cols = 256;       // Bc: keys per tile
-  index_t tall_rows = 0;    // Br of sequences with work enough for tall tiles (0: never)
+  index_t tall_rows = 0;    // the tallest Br of sequences with work enough for tall tiles (0: never)
 
   /// A sequence's query tiles depend on that sequence alone, never on the rest of the batch or
   /// the thread count: where its rows fall in tiles decides which product computes them (a
   /// 1-row remainder takes the matrix-vector path) and where its key tiles start, so a sequence
-  /// in a batch gives the bits it gives alone. Tall when the sequence alone makes 32 tall work
-  /// items (four per thread on 8 threads, for the dynamic schedule to balance causal tiles).
+  /// in a batch gives the bits it gives alone. Br is the tallest of tall_rows, tall_rows / 2, ...
+  /// down to rows at which the sequence alone makes 32 work items (four per thread on 8 threads,
+  /// for the dynamic schedule to balance causal tiles).
   index_t rows_for(const sequence& s, index_t heads) const {
-    return tall_rows > 0 && (s.q_length + tall_rows - 1) / tall_rows * heads >= 32 ? tall_rows : rows;
+    for (index_t r = tall_rows; r > rows; r /= 2)
+      if ((s.q_length + r - 1) / r * heads >= 32) return r;
+    return rows;
   }
-  index_t max_rows() const noexcept { return std::max(rows, tall_rows); }
 };
+
+/// The forward's tiles: 256 x 256, and for long sequences the tallest of 1024 and 512 rows whose
+/// tile (Q and the output accumulator: Br rows; K^T and V: Bc rows) fills at most half of this
+/// CPU's L2 (Eigen's cache query). Taller tiles pack each key tile fewer times: 1024 rows took
+/// the fp32 forward from 0.64 to 0.66 of the FMA peak on a Sapphire Rapids class Xeon (2 MiB L2,
+/// D = 64, L = 4096; docs/kernels.md); at 1 MiB (Zen 5) the rule keeps the 512 rows tuned there.
+inline tile_shape forward_tiles(index_t dim, index_t value_dim, std::size_t element_size) {
+  tile_shape tiles{.rows = 256, .cols = 256, .tall_rows = 512};
+  const auto tile_bytes = [&](index_t rows) {
+    return std::size_t((rows + tiles.cols) * (dim + value_dim)) * element_size;
+  };
+  if (2 * tile_bytes(1024) <= std::size_t(std::max<std::ptrdiff_t>(Eigen::l2CacheSize(), 0))) tiles.tall_rows = 1024;
+  return tiles;
+}
 
 /// Query rows per strip: two row blocks of the micro-kernel, so that each K^T and V panel the
 /// products read from L2 serves both from L1 (block_product's panel order).
 inline constexpr index_t strip_rows = 2 * block_rows;
-
-/// The forward's tiles: 256 x 256, 512 rows for long sequences.
-inline constexpr tile_shape forward_tiles{.rows = 256, .cols = 256, .tall_rows = 512};
 
 /// Everything one forward call shares across work items.
 template <class S>
@@ -418,15 +431,17 @@ void fused_forward(const forward_problem<S>& pb, const batch_layout& layout, con
   const index_t heads = pb.q.heads;
   const std::vector<query_tile> tiles =  // most keys first
       query_tiles(layout, [&](const sequence& seq) { return pb.tiles.rows_for(seq, heads); });
+  index_t max_rows = 0;
+  for (const query_tile& tile : tiles) max_rows = std::max(max_rows, tile.rows);
   auto make_scratch = [&] {
     forward_scratch<S> s;
-    s.queries.resize(pb.tiles.max_rows(), pb.q.dim);
+    s.queries.resize(max_rows, pb.q.dim);
     s.keys.resize(pb.q.dim, padded_to_line<S>(pb.tiles.cols));
     s.values.resize(pb.tiles.cols, padded_to_line<S>(pb.v.dim));
     s.scores.resize(strip_rows, padded_to_line<S>(pb.tiles.cols));
-    s.accumulator.resize(pb.tiles.max_rows(), pb.v.dim);
-    s.row_max.resize(pb.tiles.max_rows());
-    s.row_sum.resize(pb.tiles.max_rows());
+    s.accumulator.resize(max_rows, pb.v.dim);
+    s.row_max.resize(max_rows);
+    s.row_sum.resize(max_rows);
     return s;
   };
   parallel_items(index_t(tiles.size()) * heads, thread_count(pb.options.num_threads), make_scratch,
@@ -472,7 +487,7 @@ void attention(input_tensor<S> q, input_tensor<S> k, input_tensor<S> v, const Bi
   const detail::batch_layout layout = detail::make_layout(options, q.batch, q.seq, k.seq);
   const int threads = detail::thread_count(options.num_threads);
   const detail::forward_problem<S> pb{q, k, v, o, lse, options, options.scale_for(q.dim), q.heads / k.heads,
-                                      detail::forward_tiles};
+                                      detail::forward_tiles(q.dim, v.dim, sizeof(S))};
   const auto plan = detail::make_bias_plan(bias, detail::visited_window(layout), threads);
   detail::fused_forward(pb, layout, plan);
 }
