@@ -103,7 +103,7 @@ struct forward_scratch {
 /// in one packet pass. A NaN may be dropped: callers see it through the sum of exponentials
 /// instead (online_softmax_row).
 template <class S>
-S add_bias_and_max(S* x, const S* bias, index_t n) {
+EIGEN_ALWAYS_INLINE S add_bias_and_max(S* x, const S* bias, index_t n) {
   namespace ei = Eigen::internal;
   constexpr index_t lanes = lanes_of<S>;
   auto max_p = ei::pset1<packet_of<S>>(-std::numeric_limits<S>::infinity());
@@ -122,8 +122,10 @@ S add_bias_and_max(S* x, const S* bias, index_t n) {
 }
 
 /// x = exp(x - shift) over x[0, n), in place (packet_exp, detail/exp.hpp); returns the sum.
+/// Always inlined, as add_bias_and_max: once per row of 256 keys, the call's constant setup and
+/// horizontal sum weighed (fp32 forward, no bias, one thread: 0.667 -> 0.676-0.680 of the peak).
 template <class S>
-S exp_shifted_sum(S* x, index_t n, S shift) {
+EIGEN_ALWAYS_INLINE S exp_shifted_sum(S* x, index_t n, S shift) {
   namespace ei = Eigen::internal;
   constexpr index_t lanes = lanes_of<S>;
   const auto shift_p = ei::pset1<packet_of<S>>(shift);
