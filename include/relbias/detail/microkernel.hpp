@@ -179,6 +179,15 @@ void prefetch_rows(const T* rows, index_t row_stride, index_t count, index_t dim
     for (index_t d = 0; d < dim; d += per_line) Eigen::internal::prefetch(rows + c * row_stride + d);
 }
 
+/// One line at the start of each 4 KiB page that rows [0, count) of `stride` elements cross:
+/// a run of keys read after a jump (a paged cache's next block) has its pages' streams started
+/// ahead, where a prefetch of its first rows alone left each further page to a demand load.
+template <class T>
+void prefetch_pages(const T* first, index_t stride, index_t count) {
+  const index_t row_bytes = stride * index_t(sizeof(T)), per_page = std::max<index_t>(1, 4096 / row_bytes);
+  for (index_t r = 0; r < count; r += per_page) Eigen::internal::prefetch(first + r * stride);
+}
+
 /// The leading dimension of a packed tile of rows of n values of S: n rounded up to a whole and
 /// odd number of 64-byte lines. A power-of-two row (256 floats: 1 KiB) puts the rows of a
 /// micro-kernel panel into a quarter of the L1 sets, where the 64 rows of a K^T panel (128
