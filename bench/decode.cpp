@@ -115,8 +115,9 @@ void decode_paged(benchmark::State& state) {
   std::iota(table.begin(), table.end(), 0);
   std::shuffle(table.begin(), table.end(), std::mt19937(7));
   // Pools [num_blocks, heads, block, dim] in memory (vLLM's head-major blocks), viewed as
-  // [num_blocks, block, heads, dim]: a head's rows in a block are one contiguous run.
-  std::vector<T> k_memory(k.memory.size()), v_memory(v.memory.size());
+  // [num_blocks, block, heads, dim]: a head's rows in a block are one contiguous run. Held in
+  // relbias::tensor, which starts them on a page (docs/paged.md: unaligned pools ran slower).
+  tensor<T> k_memory(blocks, heads, block, dim), v_memory(blocks, heads, block, dim);
   const tensor_view<T> k_pool{k_memory.data(), blocks, block, heads, dim, heads * block * dim, dim, block * dim};
   const tensor_view<T> v_pool{v_memory.data(), blocks, block, heads, dim, heads * block * dim, dim, block * dim};
   for (index_t m = 0; m < blocks; ++m)

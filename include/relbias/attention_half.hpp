@@ -237,7 +237,7 @@ void streamed_block(const half_forward_problem<Q, KV>& pb, const batch_layout& l
   // The block after the next: its pages' first lines asked for (bench_decode paged/bf16, Lk =
   // 32768, one thread, Sapphire Rapids class: blocks of 64 keys 4.44 -> 4.34 ms, of 256 4.18 -> 4.02).
   const index_t far = c0 + bc + ahead_count;
-  runs_of(far, std::max<index_t>(0, std::min(pb.tiles.cols, tile.keys.end - far)), s.far_runs);
+  runs_of(far, layout.paged ? std::max<index_t>(0, std::min(pb.tiles.cols, tile.keys.end - far)) : 0, s.far_runs);
   for (const key_run& run : s.far_runs) {
     prefetch_pages(pb.k.data + run.k, pb.k.seq_stride, run.count);
     prefetch_pages(pb.v.data + run.v, pb.v.seq_stride, run.count);
