@@ -117,7 +117,7 @@ struct page_aligned_allocator {
   page_aligned_allocator(const page_aligned_allocator<U>&) noexcept {}
   static std::align_val_t alignment(std::size_t n) { return std::align_val_t(n * sizeof(T) >= 16 * page ? page : line); }
   T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), alignment(n))); }
-  void deallocate(T* p, std::size_t n) noexcept { ::operator delete(p, n * sizeof(T), alignment(n)); }
+  void deallocate(T* p, std::size_t n) noexcept { ::operator delete(p, alignment(n)); }
   template <class U>
   bool operator==(const page_aligned_allocator<U>&) const noexcept { return true; }
 };
