@@ -627,3 +627,18 @@ TEST_CASE("paged: every bad argument is rejected and named", "[paged]") {
   positioned.q_positions = qpos;
   CHECK_THROWS_WITH(reference_attention(q.view(), keys.view(), values.view(), bias, positioned), Contains("q_positions"));
 }
+
+TEST_CASE("paged: relbias::tensor starts on a cache line, and on a page from 64 KiB (a pool's blocks)", "[paged]") {
+  const auto offset = [](const auto& t, std::uintptr_t alignment) { return reinterpret_cast<std::uintptr_t>(t.data()) % alignment; };
+  for (index_t seq : {1, 3, 7}) {  // small tensors: odd sizes, several live at once
+    const tensor<float> a(1, seq, 1, 3), b(1, seq, 1, 5);
+    CHECK(offset(a, 64) == 0);
+    CHECK(offset(b, 64) == 0);
+  }
+  const tensor<Eigen::bfloat16> pool(16, 8, 64, 64);  // 16 blocks of 64 keys, 8 heads, d = 64: 1 MiB
+  const tensor<float> at_threshold(1, 16, 16, 64);     // 64 KiB exactly
+  CHECK(offset(pool, 4096) == 0);
+  CHECK(offset(at_threshold, 4096) == 0);
+  tensor<double> moved = tensor<double>(1, 128, 8, 64);
+  CHECK(offset(moved, 4096) == 0);
+}
