@@ -107,7 +107,7 @@ namespace detail {
 /// cache streamed 26.2 GB/s that way against 34.1 aligned (Lk = 32768, two threads, Sapphire
 /// Rapids class, 2026-12-04; 38.3 against 44.3 at Lk = 4096). A KV pool starting on a page has
 /// each block's run of a head ([num_blocks, heads, block, dim] memory: 8 or 16 KiB at block 64,
-/// d = 64) span whole pages; unaligned pools ran blocks of 64 keys 3-6 % slower (docs/paged.md).
+/// d = 64) span whole pages; unaligned pools ran blocks of 64 keys 1-6 % slower (docs/paged.md).
 template <class T>
 struct page_aligned_allocator {
   using value_type = T;
