@@ -57,7 +57,9 @@ TEMPLATE_TEST_CASE("block_product: every block edge against a plain product", "[
   const index_t lanes = detail::lanes_of<S>, rows = detail::block_rows;
   const double eps = std::numeric_limits<S>::epsilon();
   for (const index_t m : {index_t(1), rows - 1, rows, rows + 1, 2 * rows + 3})
-    for (const index_t n : {index_t(1), lanes - 1, lanes, lanes + 1, 2 * lanes, 2 * lanes + 1, 4 * lanes + lanes / 2 + 1})
+    // lanes / 2, lanes / 2 + lanes / 4 + 1 and lanes - 1 end in half packets (a half, a quarter) and scalars
+    for (const index_t n : {index_t(1), lanes / 2, lanes / 2 + lanes / 4 + 1, lanes - 1, lanes, lanes + 1, 2 * lanes, 2 * lanes + 1,
+                            4 * lanes + lanes / 2 + 1})
       for (const index_t depth : {index_t(0), index_t(1), index_t(64)})
         for (const bool transposed : {false, true})
           for (const bool accumulate : {false, true}) {

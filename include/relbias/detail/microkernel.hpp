@@ -11,7 +11,7 @@
 // the whole depth: per depth step, NP packet loads of B and MR broadcasts of A feed MR * NP FMAs.
 // AVX-512 (32 registers): 8 x 2 packets = 16 accumulators; 16-register targets: 4 x 2.
 // Accumulators are summed in depth order and written once, so an element's value depends only on
-// its operands and its column's place in C (packet lanes or the scalar tail), never on which
+// its operands and its column's place in C (packet lanes, half packets or the scalar tail), never on which
 // thread computes it or at which address: the determinism tests rely on it.
 //
 // The pack routines copy K and V tiles into the layouts the blocks read (K^T for the score
@@ -57,12 +57,11 @@ struct row_block {
 /// GCC zeroed and stored the 16 accumulators through the stack around the depth loop on every
 /// call, a cost the depth-64 score products (512 FMA cycles a block) felt: inlined, the fp32
 /// forward and backward ran 2-3 % faster (docs/kernels.md, "fp32 on Intel").
-template <int MR, int NP, class S>
+template <int MR, int NP, class S, class packet = packet_of<S>>
 EIGEN_ALWAYS_INLINE void product_block(strided_operand<S> a, row_block<const S> b, index_t depth, row_block<S> c, index_t i, index_t j,
                           S alpha, bool accumulate) {
   namespace ei = Eigen::internal;
-  using packet = packet_of<S>;
-  constexpr index_t lanes = lanes_of<S>;
+  constexpr index_t lanes = ei::unpacket_traits<packet>::size;
   packet acc[MR][NP];
   for (int r = 0; r < MR; ++r)
     for (int p = 0; p < NP; ++p) acc[r][p] = ei::pset1<packet>(S(0));
@@ -84,7 +83,40 @@ EIGEN_ALWAYS_INLINE void product_block(strided_operand<S> a, row_block<const S> 
     }
 }
 
-/// Columns [j, n) of rows [i, i + MR): blocks of two packets, then one, then scalar columns.
+// GCC warns that a vector type's attributes are ignored as a template argument (harmless: the
+// half packet names the same type Eigen's own kernels use; see transpose_block below).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#endif
+/// Columns [j, n) of rows [i, i + MR), fewer than a packet of P: blocks of P's half packet (on
+/// AVX-512, 8 then 4 floats) while they fit, then scalar columns. Head dimensions below a packet
+/// (8 floats: d_model 32 over 4 heads) made P V and dQ scalar loops: 60 % of a training step.
+template <int MR, class P, class S>
+inline void narrow_columns(strided_operand<S> a, row_block<const S> b, index_t depth, row_block<S> c, index_t i, index_t j,
+                           index_t n, S alpha, bool accumulate) {
+  namespace ei = Eigen::internal;
+  using half = typename ei::unpacket_traits<P>::half;
+  constexpr index_t width = ei::unpacket_traits<half>::size;
+  if constexpr (width > 1 && width < ei::unpacket_traits<P>::size) {
+    for (; j + width <= n; j += width) product_block<MR, 1, S, half>(a, b, depth, c, i, j, alpha, accumulate);
+    narrow_columns<MR, half>(a, b, depth, c, i, j, n, alpha, accumulate);
+  } else {
+    for (; j < n; ++j)
+      for (int r = 0; r < MR; ++r) {
+        S sum(0);
+        for (index_t k = 0; k < depth; ++k) sum += *a.at(i + r, k) * *b.at(k, j);
+        S* out = c.at(i + r, j);
+        *out = accumulate ? *out + alpha * sum : alpha * sum;
+      }
+  }
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+
+/// Columns [0, n) of rows [i, i + MR): blocks of two packets, then one, then narrower ones.
 template <int MR, class S>
 inline void product_rows(strided_operand<S> a, row_block<const S> b, index_t depth, row_block<S> c, index_t i, index_t n,
                          S alpha, bool accumulate) {
@@ -92,13 +124,7 @@ inline void product_rows(strided_operand<S> a, row_block<const S> b, index_t dep
   index_t j = 0;
   for (; j + 2 * lanes <= n; j += 2 * lanes) product_block<MR, 2>(a, b, depth, c, i, j, alpha, accumulate);
   for (; j + lanes <= n; j += lanes) product_block<MR, 1>(a, b, depth, c, i, j, alpha, accumulate);
-  for (; j < n; ++j)  // fewer columns than a packet (small head dimensions)
-    for (int r = 0; r < MR; ++r) {
-      S sum(0);
-      for (index_t k = 0; k < depth; ++k) sum += *a.at(i + r, k) * *b.at(k, j);
-      S* out = c.at(i + r, j);
-      *out = accumulate ? *out + alpha * sum : alpha * sum;
-    }
+  narrow_columns<MR, packet_of<S>>(a, b, depth, c, i, j, n, alpha, accumulate);
 }
 
 /// C (m, n) = alpha A (m, depth) B (depth, n), plus C when accumulate.
