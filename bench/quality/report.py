@@ -45,6 +45,28 @@ def load_runs(out):
         runs[(path.name.split("_")[0], run["scheme"])].append(run)
     for key in runs:
         runs[key].sort(key=lambda r: r["seed"])
+    return drop_other_setups(runs)
+
+
+# What a run of the budget check must share with the main runs to be compared with them (all but
+# the number of steps and how often the curve is read).
+SETUP = ("batch", "seq", "learning_rate", "warmup_fraction", "final_lr_fraction", "d_model", "heads", "layers",
+         "vocab", "corpus_bytes", "split")
+
+
+def drop_other_setups(runs):
+    """Leaves out the budget check's runs (long) when their model, schedule or corpus differ from
+    the main text runs' (a check made before the benchmark changed): the report would otherwise
+    read two experiments as one. Says so on stderr."""
+    setup = lambda run: tuple(run.get(key) for key in SETUP)
+    main = {setup(r) for (name, _), group in runs.items() if name == "text" for r in group}
+    other = sorted({setup(r) for (name, _), group in runs.items() if name == "long" for r in group} - main)
+    if main and other:
+        differs = [f"{key} {a} (long) against {sorted({m[i] for m in main})} (main)"
+                   for i, key in enumerate(SETUP) for a in sorted({o[i] for o in other}, key=str) if all(a != m[i] for m in main)]
+        print(f"report.py: the budget check's runs (long/) were made with another setup, left out: {'; '.join(differs)}",
+              file=sys.stderr)
+        runs = defaultdict(list, {key: group for key, group in runs.items() if key[0] != "long"})
     return runs
 
 

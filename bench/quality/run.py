@@ -34,7 +34,7 @@ SEEDS = [0, 1, 2]
 FULL = {
     "text": ("text", ["--steps", "2000", "--batch", "32", "--eval-every", "125"], 1.0),
     "small": ("text", ["--steps", "1200", "--batch", "32", "--eval-every", "100", "--keep-every", "20"], 0.6),
-    "probe": ("probe", ["--steps", "3000", "--batch", "32", "--lr", "0.003", "--eval-every", "100"], 0.6),
+    "probe": ("probe", ["--steps", "3000", "--batch", "32", "--lr", "0.006", "--eval-every", "100"], 0.6),
     "smallq": ("text", ["--steps", "300", "--batch", "32", "--eval-every", "50", "--keep-every", "20"], 0.17),
 }
 # The budget check (--long): every scheme, text only, 4x the training (16.4 M characters, the
@@ -48,7 +48,7 @@ QUICK = {
     "text": ("text", ["--steps", "40", "--eval-every", "10", "--final-eval-chars", "8192", "--curve-eval-chars", "2048"], 1.0),
     "small": ("text", ["--steps", "40", "--eval-every", "10", "--keep-every", "20", "--final-eval-chars", "8192",
                        "--curve-eval-chars", "2048"], 1.0),
-    "probe": ("probe", ["--steps", "40", "--batch", "32", "--lr", "0.003", "--eval-every", "10"], 0.6),
+    "probe": ("probe", ["--steps", "40", "--batch", "32", "--lr", "0.006", "--eval-every", "10"], 0.6),
 }
 
 

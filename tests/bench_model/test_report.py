@@ -59,6 +59,14 @@ def main():
     main_runs, long_runs = report.budget_pairs(runs)
     check(all(len(g) == 1 and g[0]["seed"] == 0 for g in list(main_runs.values()) + list(long_runs.values())),
           "budget_pairs keeps seed 0 only, the one every scheme has")
+
+    # A budget check made with another model is left out, not compared; the same setup is kept.
+    setup = {"d_model": 32, "heads": 4, "learning_rate": 0.012, "batch": 32, "seq": 64}
+    loaded = lambda long_setup: report.drop_other_setups({("text", "t5"): [dict(setup, seed=0)],
+                                                          ("long", "t5"): [dict(long_setup, seed=0)]})
+    check(("long", "t5") in loaded(dict(setup, steps=8000)), "a longer run of the same setup is kept")
+    check(("long", "t5") not in loaded(dict(setup, d_model=64)), "a run of another model size is left out")
+    check(("text", "t5") in loaded(dict(setup, learning_rate=0.006)), "the main runs stay")
     print("test_report: all checks passed")
 
 
