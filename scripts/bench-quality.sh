@@ -3,11 +3,11 @@
 # bias scheme (three seeds, 4.1 M training characters each), evaluates held-out bits per character
 # at 1x..16x the training length, trains on 5 % of the data (1200 steps, and 300 to check that the
 # verdict has stopped moving), runs the copy-k-back probe, and writes OUT/quality/ (tables, plots,
-# every run's JSON, summary.json). About 25 minutes on 2 cores; QUICK=1 well under a minute (a
+# every run's JSON, summary.json). About 14 minutes on 2 cores; QUICK=1 well under a minute (a
 # smoke test). LONG=1 runs the budget check: every scheme, three seeds, trained 4x longer (about
-# 45 minutes), into OUT/quality/long/, kept when the main runs are redone; the report then says
+# 25 minutes), into OUT/quality/long/, kept when the main runs are redone; the report then says
 # which verdicts of the main run are settled (the same when trained 4x longer).
-#   bash scripts/bench-quality.sh [OUT | --out OUT]        (OUT defaults to bench/results)
+#   bash scripts/bench-quality.sh [OUT | --out OUT]        (OUT defaults to bench/results; QUICK=1: build-bench/quick)
 #
 # On your own text: --corpus PATH (a file or a directory, read recursively; one or more paths,
 # the flag repeatable) replaces the fortunes, read as bytes (vocabulary 256). Held out: the whole
@@ -73,6 +73,8 @@ if [ -z "$out" ]; then
   if [ ${#corpus[@]} -gt 0 ]; then
     name=$(basename "$(realpath -m "${corpus[0]}")")
     out="build-bench/corpus-${name//[^A-Za-z0-9._-]/_}"
+  elif [ "${QUICK:-0}" = 1 ]; then
+    out=build-bench/quick  # a smoke test never replaces the published runs (as bench.sh's quick run)
   fi
 fi
 build=build-bench

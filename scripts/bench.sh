@@ -3,7 +3,7 @@
 # scheme (forward sweep, decode, backward, the acceptance checks, peak memory), then writes the
 # tables and plots, runs the quality benchmark and prints the per-scheme summary.
 # Run as root on Debian 12 from a clone:
-#   bash scripts/bench.sh           full run, about 40 minutes: refreshes bench/results/ and the
+#   bash scripts/bench.sh           full run, about 30 minutes: refreshes bench/results/ and the
 #                                   results part of bench/README.md (tracked files)
 #   QUICK=1 bash scripts/bench.sh   quick run, under two minutes after the build: fewer lengths
 #                                   and repetitions, written to build-bench/quick/ (untracked)
