@@ -37,8 +37,8 @@ template <class S>
 using flat_vector = relbias::detail::aligned_vector<S>;
 
 /// The benchmark's default: 4 heads of 8 (d_model 32, 28 K weights). At d_model 64 (106 K) the
-/// whole plan took twice the 15 minutes it is allowed on two cores, and trained no nearer to a
-/// flat curve per character (bench/README.md, "Why this model").
+/// whole plan took 23-32 minutes of the 15 it is allowed on two cores, and trained no nearer to
+/// a flat curve per character (bench/README.md, "Why this model").
 struct model_config {
   index_t vocab = 97;
   index_t d_model = 32;

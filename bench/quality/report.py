@@ -60,7 +60,7 @@ def drop_other_setups(runs):
     read two experiments as one. Says so on stderr."""
     setup = lambda run: tuple(run.get(key) for key in SETUP)
     main = {setup(r) for (name, _), group in runs.items() if name == "text" for r in group}
-    other = sorted({setup(r) for (name, _), group in runs.items() if name == "long" for r in group} - main)
+    other = {setup(r) for (name, _), group in runs.items() if name == "long" for r in group} - main
     if main and other:
         differs = [f"{key} {a} (long) against {sorted({m[i] for m in main})} (main)"
                    for i, key in enumerate(SETUP) for a in sorted({o[i] for o in other}, key=str) if all(a != m[i] for m in main)]
