@@ -55,10 +55,10 @@ def run_mode(executable, corpus, tmp):
     check(full["train_chars"] + full["held_out_chars"] == full["corpus_bytes"], "train + held out = the corpus")
     small = check_run(executable, corpus, tmp / "small.json", "--keep-every", "20")
     check(small["train_chars"] == 1024, f"--keep-every 20 keeps the first 1 KiB block, got {small['train_chars']}")
-    shaped = check_run(executable, corpus, tmp / "shaped.json", "--d-model", "32", "--heads", "2", "--layers", "1")
-    check((shaped["d_model"], shaped["heads"], shaped["layers"]) == (32, 2, 1), "--d-model, --heads, --layers: the model's shape")
+    shaped = check_run(executable, corpus, tmp / "shaped.json", "--d-model", "16", "--heads", "2", "--layers", "1")
+    check((shaped["d_model"], shaped["heads"], shaped["layers"]) == (16, 2, 1), "--d-model, --heads, --layers: the model's shape")
     uneven = bench(executable, "--corpus", str(corpus), "--heads", "3", "--check")
-    check(uneven.returncode == 1 and "--heads = 3 must divide --d-model = 64" in uneven.stderr,
+    check(uneven.returncode == 1 and "--heads = 3 must divide --d-model = 32" in uneven.stderr,
           f"heads not dividing d_model: exit 1 and its message, got {uneven.returncode}: {uneven.stderr}")
     missing = bench(executable, "--corpus", str(corpus / "no-such-file"), "--check")
     check(missing.returncode == 1 and "no such file or directory" in missing.stderr and "no-such-file" in missing.stderr,
