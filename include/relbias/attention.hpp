@@ -380,11 +380,11 @@ void prefetch_next_key_tile(const forward_problem<S>& pb, const batch_layout& la
 }
 
 /// Decoding over a paged cache (tiles read unpacked, run by run), at the start of each key tile:
-/// asks for the first rows of each of its V runs (read after its K) and for the first line of
-/// every page of the next tile's K and V runs, so that no run waits for memory at its start or
-/// at a page it crosses. Measured (bench_decode paged/fp32, one thread, Sapphire Rapids class,
-/// 2026-12-04): blocks of 64 keys from 0.86 of a contiguous cache's tokens/s to 0.93-0.97 at Lk
-/// = 32768 (0.92 to 0.94-0.98 at 4096), with for_each_run_prefetching's page requests.
+/// asks for the first rows of each of its V runs (read after its K), so that no V run waits for
+/// memory at its start. Not asked for: the pages of the next tile's runs. With
+/// for_each_run_prefetching's page requests they took blocks of 64 keys (bench_decode paged/fp32,
+/// Lk = 32768, one thread) from 0.90-0.93 of a contiguous cache's tokens/s to 0.93-0.98 on one
+/// Sapphire Rapids class VM, and from 0.91 down to 0.85-0.90 on another (docs/paged.md).
 template <class S>
 void prefetch_decoding_runs(const forward_problem<S>& pb, const batch_layout& layout, const query_tile& tile, index_t kv_head,
                             index_t c0, index_t bc) {
@@ -392,13 +392,6 @@ void prefetch_decoding_runs(const forward_problem<S>& pb, const batch_layout& la
   layout.key_runs(tile.sequence, c0, bc, [&](index_t element, index_t row, index_t, index_t rows) {
     prefetch_rows(pb.v.row(element, row, kv_head), pb.v.seq_stride, std::min(ahead, rows), pb.v.dim);
   });
-  const index_t next = c0 + bc;
-  if (next >= tile.keys.end) return;
-  layout.key_runs(tile.sequence, next, std::min(pb.tiles.cols, tile.keys.end - next),
-                  [&](index_t element, index_t row, index_t, index_t rows) {
-                    prefetch_pages(pb.k.row(element, row, kv_head), pb.k.seq_stride, rows);
-                    prefetch_pages(pb.v.row(element, row, kv_head), pb.v.seq_stride, rows);
-                  });
 }
 
 /// Packing K and V costs about a twentieth of a 256-row tile's products, but more than the

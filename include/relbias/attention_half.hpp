@@ -77,7 +77,7 @@ struct half_forward_scratch {
   row_matrix<float> accumulator;  // (R, Dv)
   Eigen::ArrayXf row_max, row_sum;
   // Streamed items: the key block's runs, the next block's and the one after.
-  std::vector<key_run> runs{}, ahead_runs{}, far_runs{};
+  std::vector<key_run> runs{}, ahead_runs{};
 };
 
 /// Asks for the cache lines of one stored row ahead of its use. A decoding step is one long
@@ -234,14 +234,8 @@ void streamed_block(const half_forward_problem<Q, KV>& pb, const batch_layout& l
     touch_pages(pb.k.data + run.k, run.count, pb.k.seq_stride);
     touch_pages(pb.v.data + run.v, run.count, pb.v.seq_stride);
   }
-  // The block after the next: its pages' first lines asked for (bench_decode paged/bf16, Lk =
-  // 32768, one thread, Sapphire Rapids class: blocks of 64 keys 4.44 -> 4.34 ms, of 256 4.18 -> 4.02).
-  const index_t far = c0 + bc + ahead_count;
-  runs_of(far, layout.paged ? std::max<index_t>(0, std::min(pb.tiles.cols, tile.keys.end - far)) : 0, s.far_runs);
-  for (const key_run& run : s.far_runs) {
-    prefetch_pages(pb.k.data + run.k, pb.k.seq_stride, run.count);
-    prefetch_pages(pb.v.data + run.v, pb.v.seq_stride, run.count);
-  }
+  // Not asked for: the pages of the block after the next. It gained 2-4 % on one Sapphire Rapids
+  // class VM and cost 8 % on another, even with no block ends (docs/paged.md, bench_decode paged/bf16).
   streamed_scores(pb, s.runs, q, scores);
   softmax(scores);
   streamed_values(pb, s.runs, key_prefetch<KV>{pb.k.data, s.ahead_runs, ahead_count, pb.k.seq_stride, pb.k.dim}, scores, acc);
