@@ -76,7 +76,7 @@ struct half_forward_scratch {
   row_matrix<float> scores;       // (R, Bc)
   row_matrix<float> accumulator;  // (R, Dv)
   Eigen::ArrayXf row_max, row_sum;
-  // Streamed items: the key block's runs, the next block's and the one after.
+  // Streamed items: the key block's runs and the next block's.
   std::vector<key_run> runs{}, ahead_runs{};
 };
 
