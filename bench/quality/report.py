@@ -62,8 +62,9 @@ def drop_other_setups(runs):
     main = {setup(r) for (name, _), group in runs.items() if name == "text" for r in group}
     other = {setup(r) for (name, _), group in runs.items() if name == "long" for r in group} - main
     if main and other:
-        differs = [f"{key} {a} (long) against {sorted({m[i] for m in main})} (main)"
-                   for i, key in enumerate(SETUP) for a in sorted({o[i] for o in other}, key=str) if all(a != m[i] for m in main)]
+        values = lambda setups, i: sorted({str(t[i]) for t in setups})
+        differs = [f"{key} {values(other, i)} (long) against {values(main, i)} (main)"
+                   for i, key in enumerate(SETUP) if values(other, i) != values(main, i)]
         print(f"report.py: the budget check's runs (long/) were made with another setup, left out: {'; '.join(differs)}",
               file=sys.stderr)
         runs = defaultdict(list, {key: group for key, group in runs.items() if key[0] != "long"})

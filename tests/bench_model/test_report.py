@@ -66,6 +66,8 @@ def main():
                                                           ("long", "t5"): [dict(long_setup, seed=0)]})
     check(("long", "t5") in loaded(dict(setup, steps=8000)), "a longer run of the same setup is kept")
     check(("long", "t5") not in loaded(dict(setup, d_model=64)), "a run of another model size is left out")
+    for key in report.SETUP:  # every field of the setup, not only the model size
+        check(("long", "t5") not in loaded(dict(setup, **{key: "other"})), f"a run with another {key} is left out")
     check(("text", "t5") in loaded(dict(setup, learning_rate=0.006)), "the main runs stay")
     print("test_report: all checks passed")
 
