@@ -1,7 +1,7 @@
 // bench_quality: one training run of the quality benchmark, written as JSON.
 //
 //   bench_quality --task text|probe --scheme NAME --seed N --out FILE
-//                 [--steps N] [--batch N] [--seq N] [--lr X] [--keep-every N] [--eval-every N]
+//                 [--steps N] [--batch N] [--seq N] [--lr X] [--beta2 X] [--keep-every N] [--eval-every N]
 //                 [--curve-eval-chars N] [--final-eval-chars N] [--fortunes DIR]
 //                 [--corpus PATH ...] [--held-out FILE ... | --held-out-fraction X] [--check]
 //
@@ -173,6 +173,7 @@ void write_json(const std::string& path, const quality::run_config& c, const qua
     << ", \"model_parameters\": " << r.model_parameters << ", \"ms_per_step\": " << json_number(r.ms_per_step)
     << ", \"cpu_ms_per_step\": " << json_number(r.cpu_ms_per_step) << ",\n \"steps_run\": " << r.steps_run
     << ", \"warmup_fraction\": " << json_number(c.warmup_fraction) << ", \"final_lr_fraction\": " << json_number(c.final_lr_fraction)
+    << ", \"beta2\": " << json_number(c.beta2)
     << ",\n \"flops_per_step\": " << json_number(r.flops_per_step) << ", \"step_gflops\": " << json_number(step_gflops(r))
     << ", \"fma_peak_gflops_1_thread\": " << json_number(peak_gflops)
     << ", \"peak_fraction\": " << json_number(step_gflops(r) / peak_gflops) << ",\n \"best_x\": " << json_number(r.best_x)
@@ -217,6 +218,7 @@ int main(int argc, char** argv) try {
   c.seq = args.get_int("--seq", c.task == "probe" ? 32 : c.seq);
   c.eval_every = args.get_int("--eval-every", c.eval_every);
   c.learning_rate = float(args.get_number("--lr", double(c.learning_rate)));
+  c.beta2 = float(args.get_number("--beta2", double(c.beta2)));
   c.curve_eval_chars = args.get_int("--curve-eval-chars", c.curve_eval_chars);
   c.final_eval_chars = args.get_int("--final-eval-chars", c.final_eval_chars);
   c.model.d_model = args.get_int("--d-model", c.model.d_model);

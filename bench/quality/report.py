@@ -50,7 +50,7 @@ def load_runs(out):
 
 # What a run of the budget check must share with the main runs to be compared with them (all but
 # the number of steps and how often the curve is read).
-SETUP = ("batch", "seq", "learning_rate", "warmup_fraction", "final_lr_fraction", "d_model", "heads", "layers",
+SETUP = ("batch", "seq", "learning_rate", "warmup_fraction", "final_lr_fraction", "beta2", "d_model", "heads", "layers",
          "vocab", "corpus_bytes", "split")
 
 
