@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The quality benchmark: trains a small character transformer on Debian's fortunes with every
 # bias scheme (three seeds, 4.1 M training characters each), evaluates held-out bits per character
-# at 1x..16x the training length, trains on 5 % of the data (1200 steps, and 300 to check that the
+# at 1x..16x the training length, trains on 5 % of the data (2400 steps, and 600 to check that the
 # verdict has stopped moving), runs the copy-k-back probe, and writes OUT/quality/ (tables, plots,
-# every run's JSON, summary.json). About 14 minutes on 2 cores; QUICK=1 well under a minute (a
+# every run's JSON, summary.json). About MAIN minutes on 2 cores; QUICK=1 well under a minute (a
 # smoke test). LONG=1 runs the budget check: every scheme, three seeds, trained 4x longer (about
-# 25 minutes), into OUT/quality/long/, kept when the main runs are redone; the report then says
-# which verdicts of the main run are settled (the same when trained 4x longer).
+# LONGM minutes), into OUT/quality/long/, kept when the main runs are redone; the report then says
+# which verdicts of the main run are settled (the same when trained 4x longer). X16=1 runs the
+# convergence check: every scheme, seed 0, trained 16x longer (about X16M minutes), into
+# OUT/quality/x16/: are the curves flat there, and is the order of the schemes the same?
+# SEEDS=0,1,2 (any plan) runs those seeds only; the x16 check's default is seed 0.
 #   bash scripts/bench-quality.sh [OUT | --out OUT]        (OUT defaults to bench/results; QUICK=1: build-bench/quick)
 #
 # On your own text: --corpus PATH (a file or a directory, read recursively; one or more paths,
@@ -81,8 +84,11 @@ build=build-bench
 kind=()
 [ "${QUICK:-0}" = 1 ] && kind=(--quick)
 [ "${LONG:-0}" = 1 ] && kind=(--long)
+[ "${X16:-0}" = 1 ] && kind=(--x16)
+[ -n "${SEEDS:-}" ] && kind+=(--seeds "$SEEDS")
 runs=runs
 [ "${LONG:-0}" = 1 ] && runs=long
+[ "${X16:-0}" = 1 ] && runs=x16
 
 echo "quality: building bench_quality"
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DRELBIAS_BUILD_BENCHMARKS=ON -DRELBIAS_BUILD_TESTS=OFF \
@@ -98,5 +104,7 @@ command="bash scripts/bench-quality.sh $(printf '%q' "$out")"
 [ ${#text_args[@]} -gt 0 ] && command+=" $(printf '%q ' "${text_args[@]}")" && command=${command% }
 [ "${QUICK:-0}" = 1 ] && command="QUICK=1 $command"
 [ "${LONG:-0}" = 1 ] && command="LONG=1 $command"
+[ -n "${SEEDS:-}" ] && command="SEEDS=$SEEDS $command"
+[ "${X16:-0}" = 1 ] && command="X16=1 $command"
 echo "$command" >"$out/quality/$runs/command.txt"  # the report names each part's own command
 /usr/bin/python3 bench/quality/report.py "$out/quality"

@@ -37,9 +37,10 @@ BEGIN, END = "<!-- quality: begin (bench/quality/report.py writes this part) -->
 
 def load_runs(out):
     """(name, scheme) -> runs sorted by seed; name: text, small, smallq (small data at a quarter of
-    the budget), probe, long (the budget check, OUT_DIR/long/, kept when the main runs are redone)."""
+    the budget), probe, long and x16 (the budget checks, OUT_DIR/long/ and OUT_DIR/x16/, kept when
+    the main runs are redone)."""
     runs = defaultdict(list)
-    kept = [out / "runs", out / "long"]
+    kept = [out / "runs"] + [out / name for name in LATER]
     for path in [p for folder in kept for p in sorted(folder.glob("*.json"))]:
         run = json.loads(path.read_text())
         runs[(path.name.split("_")[0], run["scheme"])].append(run)
@@ -48,6 +49,9 @@ def load_runs(out):
     return drop_other_setups(runs)
 
 
+# The budget checks: the main text runs trained longer, each in OUT_DIR/<name>/, with its factor.
+LATER = {"long": 4, "x16": 16}
+
 # What a run of the budget check must share with the main runs to be compared with them (all but
 # the number of steps and how often the curve is read).
 SETUP = ("batch", "seq", "learning_rate", "warmup_fraction", "final_lr_fraction", "beta2", "d_model", "heads", "layers",
@@ -55,19 +59,20 @@ SETUP = ("batch", "seq", "learning_rate", "warmup_fraction", "final_lr_fraction"
 
 
 def drop_other_setups(runs):
-    """Leaves out the budget check's runs (long) when their model, schedule or corpus differ from
+    """Leaves out a budget check's runs (long, x16) when their model, schedule or corpus differ from
     the main text runs' (a check made before the benchmark changed): the report would otherwise
     read two experiments as one. Says so on stderr."""
     setup = lambda run: tuple(run.get(key) for key in SETUP)
     main = {setup(r) for (name, _), group in runs.items() if name == "text" for r in group}
-    other = {setup(r) for (name, _), group in runs.items() if name == "long" for r in group} - main
-    if main and other:
-        values = lambda setups, i: sorted({str(t[i]) for t in setups})
-        differs = [f"{key} {values(other, i)} (long) against {values(main, i)} (main)"
-                   for i, key in enumerate(SETUP) if values(other, i) != values(main, i)]
-        print(f"report.py: the budget check's runs (long/) were made with another setup, left out: {'; '.join(differs)}",
-              file=sys.stderr)
-        runs = defaultdict(list, {key: group for key, group in runs.items() if key[0] != "long"})
+    for later in LATER:
+        other = {setup(r) for (name, _), group in runs.items() if name == later for r in group} - main
+        if main and other:
+            values = lambda setups, i: sorted({str(t[i]) for t in setups})
+            differs = [f"{key} {values(other, i)} ({later}) against {values(main, i)} (main)"
+                       for i, key in enumerate(SETUP) if values(other, i) != values(main, i)]
+            print(f"report.py: the budget check's runs ({later}/) were made with another setup, left out: "
+                  f"{'; '.join(differs)}", file=sys.stderr)
+            runs = defaultdict(list, {key: group for key, group in runs.items() if key[0] != later})
     return runs
 
 
@@ -229,24 +234,27 @@ def probe_table(runs):
     return lines
 
 
-def long_date(out):
-    paths = list((out / "long").glob("*.json"))
+def folder_date(folder):
+    paths = list(folder.glob("*.json"))
     stamp = max(path.stat().st_mtime for path in paths) if paths else 0
     return datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def budget_check(runs, out):
-    """The main runs beside the same runs trained 4x longer (OUT_DIR/long/), on the seeds both have."""
-    short, long = budget_pairs(runs)
+def budget_check(runs, out, name="long"):
+    """The main runs beside the same runs trained LATER[name] times longer (OUT_DIR/<name>/), on
+    the seeds both have."""
+    short, long = budget_pairs(runs, name)
     if not short:
         return []
     first_long, first_short = next(iter(long.values()))[0], next(iter(short.values()))[0]
     seeds = sorted({r["seed"] for g in long.values() for r in g})
     chars = lambda r: r["steps"] * r["batch"] * r["seq"] / 1e6
-    lines = [f"Seeds {', '.join(map(str, seeds))}: the main runs ({chars(first_short):.1f} M training characters) beside the "
-             f"same runs trained on {chars(first_long):.1f} M, the schedule stretched over it "
-             f"(`{command_of(out / 'long', 'LONG=1')}`, {long_date(out)}). **best** and (tie) as above, within each column.", "",
-             "| scheme | bpc 1x, main | bpc 1x, 4x longer | bpc 16x, main | bpc 16x, 4x longer | 4x longer: last-quarter gain |",
+    later = f"{LATER[name]}x longer"
+    lines = [f"Seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}: the main runs ({chars(first_short):.1f} M training "
+             f"characters) beside the same runs trained on {chars(first_long):.1f} M, the schedule stretched over it "
+             f"(`{command_of(out / name, name.upper() + '=1')}`, {folder_date(out / name)}). **best** and (tie) as above, "
+             "within each column" + (" (one seed: no ties can be told from noise)." if len(seeds) < 2 else "."), "",
+             f"| scheme | bpc 1x, main | bpc 1x, {later} | bpc 16x, main | bpc 16x, {later} | {later}: last-quarter gain |",
              "|---" * 6 + "|"]
     marks = [ranking(g, lambda r, k=k: r["eval_bpc"][k]) for k in (0, -1) for g in (short, long)]
     for scheme in long:
@@ -258,9 +266,9 @@ def budget_check(runs, out):
     return lines
 
 
-def budget_pairs(runs):
-    """{scheme: main runs}, {scheme: 4x runs}, on the schemes and seeds the budget check ran."""
-    long, text = groups_of(runs, "long"), groups_of(runs, "text")
+def budget_pairs(runs, name="long"):
+    """{scheme: main runs}, {scheme: longer runs}, on the schemes and seeds the budget check ran."""
+    long, text = groups_of(runs, name), groups_of(runs, "text")
     if not long or not text:
         return {}, {}
     # The seeds every scheme has at both budgets (a budget check still running has some schemes ahead).
@@ -282,7 +290,7 @@ def leader_and_group(groups, value_of):
     return tied_with_best(marks)[0], {s for s, m in marks.items() if m}
 
 
-def settled(short, long, value_of, what, later="trained 4x longer"):
+def settled(short, long, value_of, what, later="trained 4x longer", earlier="at a quarter of the budget"):
     """One sentence: does training 4x longer name the same leading group (best + ties)?"""
     (best_a, a), (best_b, b) = leader_and_group(short, value_of), leader_and_group(long, value_of)
     if not a or not b:
@@ -292,26 +300,53 @@ def settled(short, long, value_of, what, later="trained 4x longer"):
         return f"{what}: settled, the same leading group at both budgets ({names(b)})"
     if best_a == best_b:
         return (f"{what}: the best held ({best_b}); **the ties moved**: within its seed spread {names(b - {best_b})} "
-                f"{later}, {names(a - {best_a})} at a quarter of the budget")
-    return f"{what}: **not settled**: leading group {names(a)} at a quarter of the budget, {names(b)} {later}"
+                f"{later}, {names(a - {best_a})} {earlier}")
+    return f"{what}: **not settled**: leading group {names(a)} {earlier}, {names(b)} {later}"
 
 
-def budget_verdicts(runs):
-    """The budget check's sentences for the answer: is each column's verdict the same when trained 4x longer?"""
-    short, long = budget_pairs(runs)
+def budget_verdicts(runs, name="long"):
+    """A budget check's sentences for the answer: is each column's verdict the same when trained
+    LATER[name] times longer?"""
+    short, long = budget_pairs(runs, name)
     if not short:
         return []
-    seeds = len(next(iter(long.values())))
+    factor, seeds = LATER[name], len(next(iter(long.values())))
     if seeds < 2:
-        return ["Trained 4x longer: one seed only, so no verdict can be compared (run `LONG=1` for the seeds)"]
+        return [f"Trained {factor}x longer: one seed only, so no verdict can be compared"]
     lengths = next(iter(long.values()))[0]["eval_lengths"]
     seq = next(iter(long.values()))[0]["seq"]
+    later, earlier = f"trained {factor}x longer", f"at 1/{factor} of the budget"
     lines = [best_sentence(long, lambda r, k=k: r["eval_bpc"][k],
-                           f"Trained 4x longer ({seeds} seeds), at {lengths[k] // seq}x") for k in (0, -1)]
-    lines += [settled(short, long, lambda r, k=k: r["eval_bpc"][k], f"Verdict at {lengths[k] // seq}x") for k in (0, -1)]
-    lines += [family_gap(short, long, k, f"{lengths[k] // seq}x") for k in (0, -1)]
+                           f"Trained {factor}x longer ({seeds} seeds), at {lengths[k] // seq}x") for k in (0, -1)]
+    lines += [settled(short, long, lambda r, k=k: r["eval_bpc"][k], f"Verdict at {lengths[k] // seq}x, main against "
+                      f"{factor}x longer", later, earlier) for k in (0, -1)]
+    lines += [family_gap(short, long, k, f"{lengths[k] // seq}x", ("main", later)) for k in (0, -1)]
     gains = [last_quarter_gain(r, False) for g in long.values() for r in g]
-    lines.append(f"The 4x runs' last-quarter gains: {min(gains):.3f} to {max(gains):.3f} bpc")
+    flat = sum(converged(r, False) for g in long.values() for r in g)
+    lines.append(f"The {factor}x runs' last-quarter gains: {min(gains):.3f} to {max(gains):.3f} bpc "
+                 f"({flat} of {len(gains)} flat by the criterion)")
+    return lines
+
+
+def order_lines(runs, name="x16"):
+    """The main runs' order of schemes beside the order trained LATER[name] times longer, on the
+    seeds both have, at 1x and at the longest length: which pairs swapped."""
+    short, long = budget_pairs(runs, name)
+    if not short:
+        return []
+    lengths, seq = next(iter(long.values()))[0]["eval_lengths"], next(iter(long.values()))[0]["seq"]
+    seeds = ", ".join(map(str, sorted({r["seed"] for g in long.values() for r in g})))
+    lines = []
+    for k in (0, -1):
+        mean = lambda groups, s: float(np.mean([r["eval_bpc"][k] for r in groups[s]]))
+        order = lambda groups: sorted(long, key=lambda s: mean(groups, s))
+        a, b = order(short), order(long)
+        swapped = [(x, y) for i, x in enumerate(a) for y in a[i + 1:] if b.index(x) > b.index(y)]
+        text = " < ".join(f"{s} {mean(long, s):.3f}" for s in b)
+        moved = ("the same order as the main runs" if not swapped else
+                 f"{len(swapped)} pair{'s' * (len(swapped) > 1)} in another order than in the main runs: " +
+                 ", ".join(f"{y} now ahead of {x}" for x, y in swapped))
+        lines.append(f"Trained {LATER[name]}x longer (seed {seeds}), at {lengths[k] // seq}x: {text}; {moved}")
     return lines
 
 
@@ -379,7 +414,7 @@ def band_plot(ax, runs, name, x_of, y_of, label_x, label_y):
     ax.grid(alpha=0.3)
 
 
-PANELS = [("text", "all training files"), ("long", "all training files, 4x longer"),
+PANELS = [("text", "all training files"), ("long", "all training files, 4x longer"), ("x16", "all training files, 16x longer"),
           ("small", "every 20th training record (5 %)")]
 
 
@@ -458,7 +493,7 @@ def plot_biases(runs, out, name, file, log_x, footer):
 
 
 def plot_losses(runs, out, footer):
-    names = [n for n in ["text", "long", "small", "smallq", "probe"] if any(runs.get((n, s)) for s in SCHEMES)]
+    names = [n for n in ["text", "long", "x16", "small", "smallq", "probe"] if any(runs.get((n, s)) for s in SCHEMES)]
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.6), squeeze=False)
     styles = ["-", "--", ":"]
     for ax, name in zip(axes[0], names):
@@ -535,7 +570,8 @@ def answer(runs, quick=False):
                  (f" ({np.mean([r['cpu_ms_per_step'] for r in g]) / base:.2f}x)" if base else "") for s, g in text.items()]
         lines.append("Cost, CPU ms per training step (one thread, x no bias): " + ", ".join(costs))
         counts = []
-        for name, label in (("text", "all-data"), ("small", "small-data"), ("long", "all-data 4x longer")):
+        for name, label in (("text", "all-data"), ("small", "small-data"), ("long", "all-data 4x longer"),
+                            ("x16", "all-data 16x longer")):
             group = [r for g in groups_of(runs, name).values() for r in g]
             if group:
                 gains = [last_quarter_gain(r, False) for r in group]
@@ -545,7 +581,7 @@ def answer(runs, quick=False):
             lines.append("Convergence: not read in a quick run (its curves stop on the first plateau)")
         else:
             lines.append(f"Converged by the criterion (last quarter gained < {FLAT_BPC} bpc): " + "; ".join(counts))
-        lines += budget_verdicts(runs)
+        lines += budget_verdicts(runs, "long") + budget_verdicts(runs, "x16") + order_lines(runs, "x16")
     return [line for line in lines if line]
 
 
@@ -584,7 +620,7 @@ def setup_lines(runs):
         lines.append(f"Model: {text['layers']} pre-LN blocks, d_model {text['d_model']}, {text['heads']} heads of "
                      f"{text['d_model'] // text['heads']}, MLP 4x (GELU), tied embedding ({text['vocab']} symbols), "
                      f"{text['model_parameters']:,} weights, no absolute positions; one bias policy shared by both layers. "
-                     f"Adam, peak learning rate {text['learning_rate']} (the probe {probe['learning_rate'] if probe else '-'}), "
+                     f"Adam (beta2 {text.get('beta2', 0.999)}), peak learning rate {text['learning_rate']} (the probe {probe['learning_rate'] if probe else '-'}), "
                      f"linear warm-up over the first {text['warmup_fraction']:.0%} of the steps, then a cosine down to "
                      f"{text['final_lr_fraction']:.0%} of the peak: the same for every scheme. Float, relbias's fused forward "
                      "and backward, one thread per run, two runs at a time. CPU ms/step: the process's CPU time per step "
@@ -669,6 +705,9 @@ def main():
     check = budget_check(runs, out)
     if check:
         body += ["", "#### Budget check: the same training, four times longer", ""] + check
+    check = budget_check(runs, out, "x16")
+    if check:
+        body += ["", "#### Convergence check: the same training, sixteen times longer", ""] + check
     body += ["", "#### The training step: cost against the machine's peak", ""]
     body += speed_lines(runs)
     body += ["", "![bits per character against evaluation length](results/quality/extrapolation.png)",

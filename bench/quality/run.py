@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Runs every quality-benchmark training run (every scheme, three seeds), two processes at a time.
 
-    python3 bench/quality/run.py BENCH_QUALITY_EXECUTABLE OUT_DIR [--quick | --long] [--seeds 0,1,2] [--only NAME,...] [-- TEXT_ARGS...]
+    python3 bench/quality/run.py BENCH_QUALITY_EXECUTABLE OUT_DIR [--quick | --long | --x16] [--seeds 0,1,2] [--only NAME,...] [-- TEXT_ARGS...]
 
 TEXT_ARGS (e.g. --corpus DIR --held-out-fraction 0.1) go to every run of the text task. --seeds
 and --only (plan names: text, small, probe, smallq) redo part of a plan; the rest of OUT_DIR stays.
 
-Writes OUT_DIR/runs/<task>_<scheme>_s<seed>.json (one per run; --long: OUT_DIR/long/) and prints, after each run, what
+Writes OUT_DIR/runs/<task>_<scheme>_s<seed>.json (one per run; --long: OUT_DIR/long/, --x16:
+OUT_DIR/x16/) and prints, after each run, what
 finished, how long it took and an estimate of the time left. Every run is one process with
 OMP_NUM_THREADS=1: at this model size (64 x 64 score tiles) two single-threaded processes keep
 both cores busier than one process with two threads.
@@ -43,6 +44,12 @@ FULL = {
 LONG = {
     "long": ("text", ["--steps", "16000", "--batch", "16", "--eval-every", "1000"], 1.0),
 }
+# The convergence check (--x16): every scheme, text only, 16x the training (65.5 M characters,
+# 28 passes), seed 0 unless --seeds, into OUT_DIR/x16/: are the curves flat there, and is the
+# order of the schemes the main run's? About 26 minutes on 2 cores for one seed.
+X16 = {
+    "x16": ("text", ["--steps", "64000", "--batch", "16", "--eval-every", "4000"], 1.0),
+}
 QUICK = {
     "text": ("text", ["--steps", "40", "--eval-every", "10", "--final-eval-chars", "8192", "--curve-eval-chars", "2048"], 1.0),
     "small": ("text", ["--steps", "40", "--eval-every", "10", "--keep-every", "20", "--final-eval-chars", "8192",
@@ -52,14 +59,14 @@ QUICK = {
 
 
 def jobs(kind, seeds=None, only=None):
-    plan = {"quick": QUICK, "full": FULL, "long": LONG}[kind]
+    plan = {"quick": QUICK, "full": FULL, "long": LONG, "x16": X16}[kind]
     if only is not None:
         unknown = set(only) - set(plan)
         if unknown:
             sys.exit(f"run.py: --only {','.join(sorted(unknown))}: not in the {kind} plan ({', '.join(plan)})")
         plan = {name: plan[name] for name in only}
     if seeds is None:
-        seeds = SEEDS[:1] if kind == "quick" else SEEDS
+        seeds = SEEDS[:1] if kind in ("quick", "x16") else SEEDS
     return [(name, scheme, seed, *plan[name]) for name in plan for seed in seeds for scheme in SCHEMES]
 
 
@@ -67,8 +74,8 @@ def main():
     executable, out = sys.argv[1], Path(sys.argv[2])
     cut = sys.argv.index("--") if "--" in sys.argv else len(sys.argv)
     text_args = sys.argv[cut + 1:]
-    kind = "quick" if "--quick" in sys.argv[:cut] else "long" if "--long" in sys.argv[:cut] else "full"
-    runs = out / ("long" if kind == "long" else "runs")
+    kind = next((k for k in ("quick", "long", "x16") if f"--{k}" in sys.argv[:cut]), "full")
+    runs = out / (kind if kind in ("long", "x16") else "runs")
     runs.mkdir(parents=True, exist_ok=True)
     options = sys.argv[:cut]
     value = lambda flag: options[options.index(flag) + 1].split(",") if flag in options else None

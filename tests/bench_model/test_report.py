@@ -4,7 +4,8 @@
     test_report.py
 
 Checks the sentences the published answer is read from: ties by seed range, a verdict settled
-or not between two budgets, learned against heuristic, and the budget check's choice of seeds.
+or not between two budgets, learned against heuristic, the budget check's choice of seeds and
+setups, and the convergence check's order of schemes.
 """
 import sys
 from pathlib import Path
@@ -69,6 +70,18 @@ def main():
     for key in report.SETUP:  # every field of the setup, not only the model size
         check(("long", "t5") not in loaded(dict(setup, **{key: "other"})), f"a run with another {key} is left out")
     check(("text", "t5") in loaded(dict(setup, learning_rate=0.006)), "the main runs stay")
+    x16 = report.drop_other_setups({("text", "t5"): [dict(setup, seed=0)], ("x16", "t5"): [dict(setup, batch=16, seed=0)]})
+    check(("x16", "t5") not in x16, "the convergence check (x16) of another setup is left out too")
+
+    # The convergence check names the pairs whose order changed when trained 16x longer, at 1x and 16x.
+    lengths = {"eval_lengths": [64, 1024], "seq": 64}
+    runs = {(name, s): [dict(r, **lengths) for r in g[:1]] for name, groups in (("text", short), ("x16", flipped))
+            for s, g in groups.items()}
+    at_1x_line, at_16x_line = report.order_lines(runs, "x16")
+    check(at_1x_line.startswith("Trained 16x longer (seed 0), at 1x: per_offset 2.400 < t5 2.450 < alibi 2.550")
+          and at_1x_line.endswith("1 pair in another order than in the main runs: per_offset now ahead of t5"),
+          f"the swap at 1x: {at_1x_line}")
+    check(at_16x_line.endswith("the same order as the main runs"), f"no swap at 16x: {at_16x_line}")
     print("test_report: all checks passed")
 
 
