@@ -3,11 +3,11 @@
 # bias scheme (three seeds, 4.1 M training characters each), evaluates held-out bits per character
 # at 1x..16x the training length, trains on 5 % of the data (2400 steps, and 600 to check that the
 # verdict has stopped moving), runs the copy-k-back probe, and writes OUT/quality/ (tables, plots,
-# every run's JSON, summary.json). About MAIN minutes on 2 cores; QUICK=1 well under a minute (a
+# every run's JSON, summary.json). About 12 minutes on 2 cores; QUICK=1 well under a minute (a
 # smoke test). LONG=1 runs the budget check: every scheme, three seeds, trained 4x longer (about
-# LONGM minutes), into OUT/quality/long/, kept when the main runs are redone; the report then says
+# 19 minutes), into OUT/quality/long/, kept when the main runs are redone; the report then says
 # which verdicts of the main run are settled (the same when trained 4x longer). X16=1 runs the
-# convergence check: every scheme, seed 0, trained 16x longer (about X16M minutes), into
+# convergence check: every scheme, seed 0, trained 16x longer (about 25 minutes), into
 # OUT/quality/x16/: are the curves flat there, and is the order of the schemes the same?
 # SEEDS=0,1,2 (any plan) runs those seeds only; the x16 check's default is seed 0.
 #   bash scripts/bench-quality.sh [OUT | --out OUT]        (OUT defaults to bench/results; QUICK=1: build-bench/quick)

@@ -291,7 +291,7 @@ def leader_and_group(groups, value_of):
 
 
 def settled(short, long, value_of, what, later="trained 4x longer", earlier="at a quarter of the budget"):
-    """One sentence: does training 4x longer name the same leading group (best + ties)?"""
+    """One sentence: does the longer training name the same leading group (best + ties) as the shorter?"""
     (best_a, a), (best_b, b) = leader_and_group(short, value_of), leader_and_group(long, value_of)
     if not a or not b:
         return None
