@@ -82,13 +82,11 @@ if [ -z "$out" ]; then
 fi
 build=build-bench
 kind=()
+runs=runs  # the folder run.py writes: runs, or the budget check's own
 [ "${QUICK:-0}" = 1 ] && kind=(--quick)
-[ "${LONG:-0}" = 1 ] && kind=(--long)
-[ "${X16:-0}" = 1 ] && kind=(--x16)
+[ "${LONG:-0}" = 1 ] && kind=(--long) && runs=long
+[ "${X16:-0}" = 1 ] && kind=(--x16) && runs=x16
 [ -n "${SEEDS:-}" ] && kind+=(--seeds "$SEEDS")
-runs=runs
-[ "${LONG:-0}" = 1 ] && runs=long
-[ "${X16:-0}" = 1 ] && runs=x16
 
 echo "quality: building bench_quality"
 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release -DRELBIAS_BUILD_BENCHMARKS=ON -DRELBIAS_BUILD_TESTS=OFF \

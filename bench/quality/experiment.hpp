@@ -213,8 +213,9 @@ class experiment {
   model<float, Bias> model_;
   std::vector<float> bias_grad_;
   weight_vector<float> weights_{&model_.weights()};
-  relbias::adam<float> weight_optimiser_{config_.learning_rate, 0.9f, config_.beta2};
-  relbias::adam<float> bias_optimiser_{config_.learning_rate, 0.9f, config_.beta2};
+  relbias::adam_options<float> adam_options_{.learning_rate = config_.learning_rate, .beta2 = config_.beta2};
+  relbias::adam<float> weight_optimiser_{adam_options_};
+  relbias::adam<float> bias_optimiser_{adam_options_};
 };
 
 /// The held-out text cut in two: validation (the learning curve and the choice of the best

@@ -64,10 +64,10 @@ def drop_other_setups(runs):
     read two experiments as one. Says so on stderr."""
     setup = lambda run: tuple(run.get(key) for key in SETUP)
     main = {setup(r) for (name, _), group in runs.items() if name == "text" for r in group}
+    values = lambda setups, i: sorted({str(t[i]) for t in setups})
     for later in LATER:
         other = {setup(r) for (name, _), group in runs.items() if name == later for r in group} - main
         if main and other:
-            values = lambda setups, i: sorted({str(t[i]) for t in setups})
             differs = [f"{key} {values(other, i)} ({later}) against {values(main, i)} (main)"
                        for i, key in enumerate(SETUP) if values(other, i) != values(main, i)]
             print(f"report.py: the budget check's runs ({later}/) were made with another setup, left out: "
@@ -569,17 +569,17 @@ def answer(runs, quick=False):
         costs = [f"{s} {np.mean([r['cpu_ms_per_step'] for r in g]):.1f} ms" +
                  (f" ({np.mean([r['cpu_ms_per_step'] for r in g]) / base:.2f}x)" if base else "") for s, g in text.items()]
         lines.append("Cost, CPU ms per training step (one thread, x no bias): " + ", ".join(costs))
-        counts = []
-        for name, label in (("text", "all-data"), ("small", "small-data"), ("long", "all-data 4x longer"),
-                            ("x16", "all-data 16x longer")):
-            group = [r for g in groups_of(runs, name).values() for r in g]
-            if group:
-                gains = [last_quarter_gain(r, False) for r in group]
-                counts.append(f"{sum(converged(r, False) for r in group)} of {len(group)} {label} runs "
-                              f"(last-quarter gains {min(gains):.3f} to {max(gains):.3f} bpc)")
         if quick:  # 40 steps sit on the first plateau: a flat curve there is not convergence
             lines.append("Convergence: not read in a quick run (its curves stop on the first plateau)")
         else:
+            counts = []
+            for name, label in (("text", "all-data"), ("small", "small-data"), ("long", "all-data 4x longer"),
+                                ("x16", "all-data 16x longer")):
+                group = [r for g in groups_of(runs, name).values() for r in g]
+                if group:
+                    gains = [last_quarter_gain(r, False) for r in group]
+                    counts.append(f"{sum(converged(r, False) for r in group)} of {len(group)} {label} runs "
+                                  f"(last-quarter gains {min(gains):.3f} to {max(gains):.3f} bpc)")
             lines.append(f"Converged by the criterion (last quarter gained < {FLAT_BPC} bpc): " + "; ".join(counts))
         lines += budget_verdicts(runs, "long") + budget_verdicts(runs, "x16") + order_lines(runs, "x16")
     return [line for line in lines if line]

@@ -46,7 +46,7 @@ LONG = {
 }
 # The convergence check (--x16): every scheme, text only, 16x the training (65.5 M characters,
 # 28 passes), seed 0 unless --seeds, into OUT_DIR/x16/: are the curves flat there, and is the
-# order of the schemes the main run's? About 26 minutes on 2 cores for one seed.
+# order of the schemes the main run's? About 25 minutes on 2 cores for one seed.
 X16 = {
     "x16": ("text", ["--steps", "64000", "--batch", "16", "--eval-every", "4000"], 1.0),
 }
