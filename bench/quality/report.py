@@ -670,7 +670,10 @@ def main():
     date = datetime.datetime.fromtimestamp(last_run, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     seeds = sorted({r["seed"] for group in runs.values() for r in group})
     kind = "QUICK run: a smoke test, not an answer" if quick else "full run"
-    footer = f"{kind} | runs ended {date} | {machine()} | report at commit {commit()} | {command}"
+    # The budget checks' panels come from their own runs: their commands and dates beside the main one's.
+    later = [f"{command_of(out / name, name)} (ended {folder_date(out / name)})" for name in LATER
+             if any(runs.get((name, s)) for s in SCHEMES)]
+    footer = f"{kind} | runs ended {date} | {machine()} | report at commit {commit()} | " + "; ".join([command] + later)
 
     plot_text_panels(runs, out, "extrapolation.png", "Train at 64, test longer", lambda r: r["eval_lengths"],
                      lambda r: r["eval_bpc"], "evaluation length (characters, log scale)", "held-out bits per character",
